@@ -1,0 +1,203 @@
+"""Vector arithmetic on lists of per-parameter tensors, aware of model-parallel sharding.
+
+A *vector* is a ``list[torch.Tensor]`` with one tensor per parameter of the operator, in the operator's
+parameter order, each of the *vector dtype* (float32, or float64 for float64 models). Vectors are never
+flattened into one tensor: under tensor/pipeline parallelism each rank holds only its shards.
+
+Inner products follow Megatron's ``clip_grads.get_grad_norm_fp32``: a local sum over the *unique*
+shards this rank owns (TP-sharded parameters on every TP rank, TP-replicated parameters on tp_rank 0
+only, never the pipeline-stage copy of a tied embedding), then **one** all-reduce over the
+model-parallel group. This is the only place in the curvature package that communicates for dot
+products; the algorithms (``algorithms.py``) call :meth:`VectorBackend.dot` and never touch
+``torch.distributed``.
+
+Random vectors are drawn per parameter from a generator seeded by ``(seed, global parameter name)``
+at the parameter's *full* (unsharded) shape and then sliced to this rank's shard. Every rank holding
+the same shard (DP replicas, TP-replicated copies) therefore draws the same numbers, and a sharded run
+draws exactly the shards of the vector the unsharded run draws, so Krylov iterates agree between
+layouts up to rounding.
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+Vector = list[torch.Tensor]
+
+
+@dataclass(frozen=True)
+class ParamSpec:
+    """What the backend needs to know about one parameter's place in the global parameter vector.
+
+    Attributes:
+        name: global, layout-independent name (pipeline stages renumber their local layers to the
+            global layer index), used to seed random vectors.
+        shape: local (this rank's shard) shape.
+        owned: whether this rank counts the tensor in inner products (see module docstring).
+        partition_dim: dimension along which the tensor is sharded over tensor-parallel ranks, or
+            ``None`` if it is replicated over them.
+        tp_size: number of tensor-parallel shards along ``partition_dim`` (1 if replicated).
+        tp_rank: index of this rank's shard.
+    """
+
+    name: str
+    shape: tuple[int, ...]
+    owned: bool = True
+    partition_dim: int | None = None
+    tp_size: int = 1
+    tp_rank: int = 0
+
+    @property
+    def full_shape(self) -> tuple[int, ...]:
+        if self.partition_dim is None:
+            return self.shape
+        s = list(self.shape)
+        s[self.partition_dim] *= self.tp_size
+        return tuple(s)
+
+    def shard(self, full: torch.Tensor) -> torch.Tensor:
+        """This rank's slice of a tensor of :attr:`full_shape`."""
+        if self.partition_dim is None:
+            return full
+        return full.chunk(self.tp_size, dim=self.partition_dim)[self.tp_rank].contiguous()
+
+
+class VectorBackend:
+    """dot / norm / axpy / random vectors over a fixed list of :class:`ParamSpec`.
+
+    Args:
+        specs: one spec per parameter, in operator order.
+        dtype: the vector dtype (float32 or float64).
+        device: where vectors live.
+        all_reduce: ``fn(tensor) -> None`` summing a float64 scalar tensor in place over the
+            model-parallel group, or ``None`` for a single (unsharded) process. Supplied by
+            :class:`lrscale_megatron.parallel.ParallelContext`.
+    """
+
+    def __init__(
+        self,
+        specs: Sequence[ParamSpec],
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+        all_reduce=None,
+    ) -> None:
+        if dtype not in (torch.float32, torch.float64):
+            raise ValueError(f"vector dtype={dtype} is not supported; use torch.float32 or torch.float64")
+        self.specs = list(specs)
+        self.dtype = dtype
+        self.device = torch.device(device)
+        self._all_reduce = all_reduce
+
+    # ------------------------------------------------------------------ reductions
+    def local_dot(self, x: Vector, y: Vector) -> torch.Tensor:
+        """Sum of x·y over the shards this rank owns, as a float64 0-d tensor (no communication)."""
+        s = torch.zeros((), dtype=torch.float64, device=self.device)
+        for spec, a, b in zip(self.specs, x, y):
+            if spec.owned:
+                s += torch.sum(a.to(torch.float64) * b.to(torch.float64))
+        return s
+
+    def dot(self, x: Vector, y: Vector) -> float:
+        """Global inner product <x, y> over the whole (unsharded) parameter vector."""
+        s = self.local_dot(x, y)
+        if self._all_reduce is not None:
+            self._all_reduce(s)
+        return float(s.item())
+
+    def dots(self, xs: Sequence[Vector], y: Vector) -> list[float]:
+        """<x_i, y> for several x_i with a single all-reduce (used by reorthogonalisation)."""
+        if not xs:
+            return []
+        s = torch.stack([self.local_dot(x, y) for x in xs])
+        if self._all_reduce is not None:
+            self._all_reduce(s)
+        return [float(v) for v in s.tolist()]
+
+    def norm(self, x: Vector) -> float:
+        return math.sqrt(max(self.dot(x, x), 0.0))
+
+    # ------------------------------------------------------------------ arithmetic (no communication)
+    def axpy(self, a: float, x: Vector, y: Vector) -> Vector:
+        """Returns ``y + a * x`` (new tensors)."""
+        return [yi + a * xi for xi, yi in zip(x, y)]
+
+    def axpy_(self, a: float, x: Vector, y: Vector) -> Vector:
+        """In place: ``y += a * x``; returns ``y``."""
+        for xi, yi in zip(x, y):
+            yi.add_(xi, alpha=a)
+        return y
+
+    def scale(self, a: float, x: Vector) -> Vector:
+        return [a * xi for xi in x]
+
+    def clone(self, x: Vector) -> Vector:
+        return [xi.clone() for xi in x]
+
+    def zeros(self) -> Vector:
+        return [torch.zeros(s.shape, dtype=self.dtype, device=self.device) for s in self.specs]
+
+    def combine(self, coeffs: Sequence[float], basis: Sequence[Vector]) -> Vector:
+        """Σ_i coeffs[i] · basis[i] (e.g. a Ritz vector from Lanczos vectors)."""
+        out = self.zeros()
+        for c, q in zip(coeffs, basis):
+            self.axpy_(float(c), q, out)
+        return out
+
+    def is_finite(self, x: Vector) -> bool:
+        """True when every entry of every shard on every model-parallel rank is finite."""
+        bad = torch.zeros((), dtype=torch.float64, device=self.device)
+        for xi in x:
+            if not bool(torch.isfinite(xi).all()):
+                bad += 1.0
+        if self._all_reduce is not None:
+            self._all_reduce(bad)
+        return float(bad.item()) == 0.0
+
+    # ------------------------------------------------------------------ random vectors
+    def _generator(self, seed: int, name: str) -> torch.Generator:
+        g = torch.Generator(device="cpu")
+        g.manual_seed((int(seed) * 1_000_003 + zlib.crc32(name.encode())) % (2**63 - 1))
+        return g
+
+    def randn(self, seed: int) -> Vector:
+        """Gaussian vector, identical on every rank holding the same shard (see module docstring)."""
+        out = []
+        for s in self.specs:
+            full = torch.randn(s.full_shape, generator=self._generator(seed, s.name), dtype=torch.float64)
+            out.append(s.shard(full).to(dtype=self.dtype, device=self.device))
+        return out
+
+    def rademacher(self, seed: int) -> Vector:
+        """±1 vector (Hutchinson probes), seeded like :meth:`randn`."""
+        out = []
+        for s in self.specs:
+            g = self._generator(seed, s.name)
+            full = torch.randint(0, 2, s.full_shape, generator=g, dtype=torch.int8).to(torch.float64)
+            out.append(s.shard(full * 2.0 - 1.0).to(dtype=self.dtype, device=self.device))
+        return out
+
+    @property
+    def dim(self) -> int:
+        """Dimension of the global parameter vector (owned entries summed over model-parallel ranks)."""
+        n = torch.tensor(
+            float(sum(math.prod(s.shape) for s in self.specs if s.owned)), dtype=torch.float64
+        )
+        if self._all_reduce is not None:
+            self._all_reduce(n)
+        return int(round(n.item()))
+
+
+def single_process_backend(params: Sequence[torch.nn.Parameter], names: Sequence[str] | None = None,
+                           dtype: torch.dtype | None = None) -> VectorBackend:
+    """A backend for unsharded parameters (every tensor owned, no communication)."""
+    names = list(names) if names is not None else [f"p{i}" for i in range(len(params))]
+    specs = [ParamSpec(name=n, shape=tuple(p.shape)) for n, p in zip(names, params)]
+    if dtype is None:
+        dtype = torch.float64 if any(p.dtype == torch.float64 for p in params) else torch.float32
+    device = params[0].device if len(params) else torch.device("cpu")
+    return VectorBackend(specs, dtype=dtype, device=device)
