@@ -1,0 +1,49 @@
+"""The ``lrscale`` command: one entry point, one sub-command per job.
+
+    lrscale spectrum --preset tiny --json out.json          # Hessian spectrum of a GPT preset
+    lrscale fit --steplaw-csv PATH --out LAW.json           # fit a learning-rate law
+    lrscale predict --params 1.3e9 --tokens 1e11 --batch-tokens 4e6 --json
+
+Run under torchrun as ``python -m lrscale_megatron.cli ...``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from lrscale_megatron.logutil import setup_logging
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="lrscale", description=__doc__.split("\n")[0])
+    p.add_argument("--log-level", default="INFO")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    from lrscale_megatron import spectrum
+
+    sp = sub.add_parser("spectrum", help="top Hessian eigenvalues / trace / per-layer sharpness of a GPT")
+    spectrum.add_arguments(sp)
+    sp.set_defaults(func=spectrum.run)
+
+    try:
+        from lrscale_megatron.law import cli as law_cli
+    except ImportError:
+        law_cli = None  # type: ignore[assignment]
+    if law_cli is not None:
+        law_cli.add_subcommands(sub)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    # The DeepSpeed launcher appends --local_rank=N; torchrun sets LOCAL_RANK instead.
+    argv = [a for a in (sys.argv[1:] if argv is None else argv) if not a.startswith("--local_rank")]
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    setup_logging(args.log_level)
+    rc = args.func(args)
+    return rc if isinstance(rc, int) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Host-framework integrations: DeepSpeed registration and Megatron compatibility."""

@@ -1,0 +1,366 @@
+"""ParallelContext: the one place that learns the tensor/pipeline/data-parallel layout.
+
+Everything else in lrscale-megatron receives a :class:`ParallelContext` explicitly. It is built from
+megatron-core ``parallel_state`` (:meth:`ParallelContext.from_megatron`), a DeepSpeed engine or mpu
+(:meth:`ParallelContext.from_deepspeed`), a plain DDP process group (:meth:`ParallelContext.from_ddp`),
+or is single-process (:meth:`ParallelContext.single`).
+
+What it provides:
+
+* the sizes and ranks of the TP, PP and DP groups, validated (``tp * pp * dp == world_size``);
+* :meth:`param_specs`: which parameters are TP-sharded (and along which dim), which copies a rank
+  owns for inner products (TP-replicated parameters on tp_rank 0 only; the last pipeline stage's copy
+  of a tied embedding never), and a global, layout-independent name per parameter;
+* the reductions: one all-reduce over the model-parallel (TP x PP) group for inner products, the
+  data-parallel mean for Hessian-vector products (the same averaging DDP applies to gradients), and
+  the sum over the embedding group for tied embeddings split over pipeline stages;
+* point-to-point helpers between adjacent pipeline stages.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from lrscale_megatron.curvature.backend import ParamSpec, VectorBackend
+
+logger = logging.getLogger(__name__)
+
+_LAYER_RE = re.compile(r"(^|\.)layers\.(\d+)\.")
+
+
+@dataclass
+class ParallelContext:
+    """Sizes, ranks and process groups of a (possibly) model-parallel job.
+
+    Attributes:
+        tp_size, tp_rank: tensor-parallel group size and this rank's index in it.
+        pp_size, pp_rank: pipeline-parallel group size and this rank's stage.
+        dp_size, dp_rank: data-parallel group size and this rank's index in it.
+        tp_group, pp_group, dp_group, mp_group: ``torch.distributed`` groups (``None`` when the size is
+            1 or the job is single-process). ``mp_group`` is the model-parallel (TP x PP) group.
+        embedding_group: group of the first and last pipeline stage that share a tied embedding.
+        pp_prev_rank, pp_next_rank: global ranks of the adjacent pipeline stages.
+        layer_offset: global index of this stage's first transformer layer (for global names).
+        world_size: total processes.
+    """
+
+    tp_size: int = 1
+    tp_rank: int = 0
+    pp_size: int = 1
+    pp_rank: int = 0
+    dp_size: int = 1
+    dp_rank: int = 0
+    tp_group: Any = None
+    pp_group: Any = None
+    dp_group: Any = None
+    mp_group: Any = None
+    embedding_group: Any = None
+    pp_prev_rank: int | None = None
+    pp_next_rank: int | None = None
+    layer_offset: int = 0
+    world_size: int = 1
+    source: str = "single"
+    _specs_cache: dict = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        for name in ("tp_size", "pp_size", "dp_size", "world_size"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < 1:
+                raise ValueError(f"ParallelContext.{name}={v!r} must be a positive integer")
+        if self.tp_size * self.pp_size * self.dp_size != self.world_size:
+            raise ValueError(
+                f"tp({self.tp_size}) * pp({self.pp_size}) * dp({self.dp_size}) = "
+                f"{self.tp_size * self.pp_size * self.dp_size} != world_size({self.world_size}); "
+                "choose sizes whose product is the number of processes"
+            )
+        for r, s, name in ((self.tp_rank, self.tp_size, "tp"), (self.pp_rank, self.pp_size, "pp"),
+                           (self.dp_rank, self.dp_size, "dp")):
+            if not 0 <= r < s:
+                raise ValueError(f"ParallelContext.{name}_rank={r} is outside [0, {name}_size={s})")
+
+    # ------------------------------------------------------------------ constructors
+    @classmethod
+    def single(cls) -> ParallelContext:
+        """One process, nothing sharded."""
+        return cls()
+
+    @classmethod
+    def from_megatron(cls, model: torch.nn.Module | None = None) -> ParallelContext:
+        """From megatron-core ``parallel_state`` (``initialize_model_parallel`` must have run).
+
+        ``model`` (this stage's module) is used to find the global index of its first layer.
+        """
+        from megatron.core import parallel_state as ps
+
+        if not ps.model_parallel_is_initialized():
+            raise RuntimeError(
+                "megatron parallel_state is not initialised: call "
+                "megatron.core.parallel_state.initialize_model_parallel(...) before "
+                "ParallelContext.from_megatron()"
+            )
+        import torch.distributed as dist
+
+        tp, pp = ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size()
+        dp = ps.get_data_parallel_world_size()
+        emb = None
+        if pp > 1 and ps.is_rank_in_embedding_group(ignore_virtual=True):
+            emb = ps.get_embedding_group()
+        return cls(
+            tp_size=tp,
+            tp_rank=ps.get_tensor_model_parallel_rank(),
+            pp_size=pp,
+            pp_rank=ps.get_pipeline_model_parallel_rank(),
+            dp_size=dp,
+            dp_rank=ps.get_data_parallel_rank(),
+            tp_group=ps.get_tensor_model_parallel_group() if tp > 1 else None,
+            pp_group=ps.get_pipeline_model_parallel_group() if pp > 1 else None,
+            dp_group=ps.get_data_parallel_group() if dp > 1 else None,
+            mp_group=ps.get_model_parallel_group() if tp * pp > 1 else None,
+            embedding_group=emb,
+            pp_prev_rank=ps.get_pipeline_model_parallel_prev_rank() if pp > 1 else None,
+            pp_next_rank=ps.get_pipeline_model_parallel_next_rank() if pp > 1 else None,
+            layer_offset=_layer_offset(model) if model is not None else 0,
+            world_size=dist.get_world_size(),
+            source="megatron",
+        )
+
+    @classmethod
+    def from_deepspeed(cls, engine_or_mpu: Any, model: torch.nn.Module | None = None) -> ParallelContext:
+        """From a DeepSpeed engine (``engine.mpu`` when model-parallel, else its DP group) or an mpu.
+
+        Under ZeRO stage 3 parameters are partitioned across ranks; Hessian-vector products need whole
+        parameters, so that stage is refused here with the reason and the alternative.
+        """
+        import torch.distributed as dist
+
+        engine = engine_or_mpu if hasattr(engine_or_mpu, "zero_optimization_stage") else None
+        if engine is not None and engine.zero_optimization_stage() >= 3:
+            raise ValueError(
+                "DeepSpeed ZeRO stage 3 partitions parameters across data-parallel ranks, so a "
+                "Hessian-vector product would see only shards of unknown layout: "
+                "zero_optimization.stage=3 is not supported for curvature estimates; use stage 0, 1 or 2 "
+                "(or measure on a ZeRO<=2 proxy run)"
+            )
+        mpu = engine.mpu if engine is not None else engine_or_mpu
+        if mpu is None:
+            group = engine.data_parallel_group if engine is not None else None
+            return cls.from_ddp(group)
+        if hasattr(mpu, "get_tensor_model_parallel_world_size") and _megatron_initialized():
+            ctx = cls.from_megatron(model)
+            ctx.source = "deepspeed+megatron"
+            return ctx
+        tp = mpu.get_model_parallel_world_size()
+        tp_rank = mpu.get_model_parallel_rank()
+        dp = mpu.get_data_parallel_world_size()
+        pp = dist.get_world_size() // (tp * dp)
+        if pp != 1:
+            raise ValueError(
+                f"DeepSpeed mpu reports tp={tp}, dp={dp} for world_size={dist.get_world_size()}; "
+                "pipeline parallelism through a bare mpu is not supported: build the context with "
+                "ParallelContext.from_megatron() instead"
+            )
+        return cls(
+            tp_size=tp,
+            tp_rank=tp_rank,
+            dp_size=dp,
+            dp_rank=mpu.get_data_parallel_rank(),
+            tp_group=mpu.get_model_parallel_group() if tp > 1 else None,
+            mp_group=mpu.get_model_parallel_group() if tp > 1 else None,
+            dp_group=mpu.get_data_parallel_group() if dp > 1 else None,
+            world_size=dist.get_world_size(),
+            source="deepspeed",
+        )
+
+    @classmethod
+    def from_ddp(cls, group: Any = None) -> ParallelContext:
+        """Pure data parallelism over ``group`` (default: the whole world)."""
+        import torch.distributed as dist
+
+        if not dist.is_available() or not dist.is_initialized():
+            return cls.single()
+        size = dist.get_world_size(group)
+        return cls(
+            dp_size=size,
+            dp_rank=dist.get_rank(group),
+            dp_group=group if group is not None else dist.group.WORLD,
+            world_size=size,
+            source="ddp",
+        ) if size > 1 else cls.single()
+
+    # ------------------------------------------------------------------ layout queries
+    @property
+    def is_first_stage(self) -> bool:
+        return self.pp_rank == 0
+
+    @property
+    def is_last_stage(self) -> bool:
+        return self.pp_rank == self.pp_size - 1
+
+    @property
+    def model_parallel(self) -> bool:
+        return self.tp_size * self.pp_size > 1
+
+    def global_name(self, name: str, param: torch.Tensor | None = None) -> str:
+        """Layout-independent name: stage-local layer indices made global; the last stage's copy of a
+        tied embedding named after the word embedding it mirrors."""
+        if param is not None and getattr(param, "shared", False) and getattr(param, "shared_embedding", False):
+            return "embedding.word_embeddings.weight"
+        if self.layer_offset:
+            return _LAYER_RE.sub(lambda m: f"{m.group(1)}layers.{int(m.group(2)) + self.layer_offset}.", name)
+        return name
+
+    def param_specs(self, named_params: Sequence[tuple[str, torch.Tensor]]) -> list[ParamSpec]:
+        """One :class:`ParamSpec` per parameter (see module docstring for the ownership rule)."""
+        specs = []
+        for name, p in named_params:
+            sharded = bool(getattr(p, "tensor_model_parallel", False)) and self.tp_size > 1
+            if sharded and getattr(p, "partition_stride", 1) != 1:
+                raise ValueError(
+                    f"parameter {name!r} has partition_stride={p.partition_stride}; strided TP "
+                    "partitions are not supported by the curvature backend"
+                )
+            is_tied_copy = bool(getattr(p, "shared", False)) and self.pp_size > 1 and not self.is_first_stage
+            owned = (sharded or self.tp_rank == 0) and not is_tied_copy
+            specs.append(
+                ParamSpec(
+                    name=self.global_name(name, p),
+                    shape=tuple(p.shape),
+                    owned=owned,
+                    partition_dim=int(p.partition_dim) if sharded else None,
+                    tp_size=self.tp_size if sharded else 1,
+                    tp_rank=self.tp_rank if sharded else 0,
+                )
+            )
+        return specs
+
+    def tied_embedding_indices(self, named_params: Sequence[tuple[str, torch.Tensor]]) -> list[int]:
+        """Indices of parameters that are one half of an embedding tied across pipeline stages."""
+        if self.pp_size == 1 or self.embedding_group is None:
+            return []
+        return [i for i, (_, p) in enumerate(named_params) if getattr(p, "shared_embedding", False)]
+
+    def backend(self, named_params: Sequence[tuple[str, torch.Tensor]], dtype: torch.dtype,
+                device: torch.device | str = "cpu") -> VectorBackend:
+        """A :class:`VectorBackend` whose inner products reduce over this context's model-parallel group."""
+        return VectorBackend(self.param_specs(named_params), dtype=dtype, device=device,
+                             all_reduce=self.all_reduce_model_parallel if self.model_parallel else None)
+
+    # ------------------------------------------------------------------ collectives
+    def all_reduce_model_parallel(self, t: torch.Tensor) -> None:
+        """In-place sum over the model-parallel (TP x PP) group: the one reduction of inner products."""
+        if self.mp_group is not None:
+            import torch.distributed as dist
+
+            dist.all_reduce(t, group=self.mp_group)
+
+    def average_data_parallel(self, tensors: list[torch.Tensor]) -> None:
+        """In-place mean over data-parallel replicas, one coalesced all-reduce (as DDP averages grads)."""
+        if self.dp_group is None or self.dp_size == 1 or not tensors:
+            return
+        import torch.distributed as dist
+
+        flat = torch.cat([t.reshape(-1).to(torch.float64) for t in tensors])
+        dist.all_reduce(flat, group=self.dp_group)
+        flat /= self.dp_size
+        off = 0
+        for t in tensors:
+            n = t.numel()
+            t.copy_(flat[off:off + n].view_as(t))
+            off += n
+
+    def sum_tied_embeddings(self, tensors: list[torch.Tensor], indices: Sequence[int]) -> None:
+        """In-place sum over the embedding group of the tensors at ``indices`` (tied embedding halves)."""
+        if not indices or self.embedding_group is None:
+            return
+        import torch.distributed as dist
+
+        for i in indices:
+            dist.all_reduce(tensors[i], group=self.embedding_group)
+
+    def reduce_loss(self, loss: float) -> float:
+        """The job's loss from a per-rank value: taken from the last pipeline stage, averaged over DP."""
+        if not self.model_parallel and self.dp_size == 1:
+            return loss
+        import torch.distributed as dist
+
+        t = torch.tensor([loss if self.is_last_stage else 0.0], dtype=torch.float64)
+        if self.pp_group is not None:
+            dist.all_reduce(t, group=self.pp_group)
+        if self.dp_group is not None:
+            dist.all_reduce(t, group=self.dp_group)
+            t /= self.dp_size
+        return float(t.item())
+
+    # ------------------------------------------------------------------ pipeline p2p
+    def send_next(self, t: torch.Tensor) -> None:
+        _send(t, self.pp_next_rank)
+
+    def recv_prev(self) -> torch.Tensor:
+        return _recv(self.pp_prev_rank)
+
+    def send_prev(self, t: torch.Tensor) -> None:
+        _send(t, self.pp_prev_rank)
+
+    def recv_next(self) -> torch.Tensor:
+        return _recv(self.pp_next_rank)
+
+    def describe(self) -> str:
+        return (f"tp={self.tp_size} pp={self.pp_size} dp={self.dp_size} "
+                f"(rank tp{self.tp_rank}/pp{self.pp_rank}/dp{self.dp_rank}, from {self.source})")
+
+
+_DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
+
+
+def _send(t: torch.Tensor, dst: int | None) -> None:
+    """Send a tensor of any shape/dtype: a fixed-size header (dtype, ndim, dims) then the data."""
+    import torch.distributed as dist
+
+    if dst is None:
+        raise RuntimeError("no pipeline neighbour to send to (this is the first/last stage)")
+    t = t.detach().contiguous()
+    if t.ndim > 8:
+        raise ValueError(f"pipeline activation has {t.ndim} dims; at most 8 are supported")
+    header = torch.full((10,), -1, dtype=torch.int64)
+    header[0] = _DTYPES.index(t.dtype)
+    header[1] = t.ndim
+    header[2:2 + t.ndim] = torch.tensor(t.shape, dtype=torch.int64)
+    dist.send(header, dst)
+    dist.send(t, dst)
+
+
+def _recv(src: int | None) -> torch.Tensor:
+    import torch.distributed as dist
+
+    if src is None:
+        raise RuntimeError("no pipeline neighbour to receive from (this is the first/last stage)")
+    header = torch.empty((10,), dtype=torch.int64)
+    dist.recv(header, src)
+    dtype = _DTYPES[int(header[0])]
+    shape = tuple(int(x) for x in header[2:2 + int(header[1])])
+    out = torch.empty(shape, dtype=dtype)
+    dist.recv(out, src)
+    return out
+
+
+def _layer_offset(model: torch.nn.Module) -> int:
+    """Global index of the first transformer layer held by ``model`` (megatron's 1-based layer_number)."""
+    for m in model.modules():
+        n = getattr(m, "layer_number", None)
+        if isinstance(n, int) and hasattr(m, "self_attention"):
+            return n - 1
+    return 0
+
+
+def _megatron_initialized() -> bool:
+    try:
+        from megatron.core import parallel_state as ps
+    except ImportError:
+        return False
+    return bool(ps.model_parallel_is_initialized())

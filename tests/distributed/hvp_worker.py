@@ -1,0 +1,56 @@
+"""Worker for test_model_parallel_hvp.py: one tiny float64 megatron GPT under a TP x PP x DP layout.
+
+Writes, per rank, its shards of H v (exact; finite differences through autograd; finite differences
+through megatron's pipeline schedule), lambda_max from Lanczos, and the loss, keyed by global name.
+    torchrun --nproc_per_node N hvp_worker.py --tp T --pp P --out DIR [--no-patch]
+"""
+
+import argparse
+import os
+
+import torch
+
+from lrscale_megatron.curvature import HessianOperator, lanczos
+from lrscale_megatron.integrations.megatron_schedule import schedule_grad_fn
+from lrscale_megatron.launch import init_megatron, shutdown
+from lrscale_megatron.models.gpt import build_gpt, get_preset, gpt_loss_fn
+from lrscale_megatron.models.text import byte_batch
+from lrscale_megatron.parallel import _layer_offset
+
+ap = argparse.ArgumentParser()
+ap.add_argument("--tp", type=int, default=1)
+ap.add_argument("--pp", type=int, default=1)
+ap.add_argument("--out", required=True)
+ap.add_argument("--no-patch", action="store_true")
+ap.add_argument("--micro-batches", type=int, default=2)
+a = ap.parse_args()
+
+ctx = init_megatron(a.tp, a.pp, seed=0)
+preset = get_preset("tiny")
+model = build_gpt(preset, ctx, dtype=torch.float64, seed=0)
+ctx.layer_offset = _layer_offset(model)
+gb = 8
+full = byte_batch(gb, preset.seq_length, seed=0)
+per = gb // ctx.dp_size
+mbs = per // a.micro_batches
+rows = {k: v[ctx.dp_rank * per:(ctx.dp_rank + 1) * per] for k, v in full.items()}
+micro = [{k: v[i * mbs:(i + 1) * mbs] for k, v in rows.items()} for i in range(a.micro_batches)]
+
+op = HessianOperator(model, gpt_loss_fn, micro, mode="exact", parallel=ctx, megatron_tp_patch=not a.no_patch)
+v = op.backend.randn(123)
+hv = op.matvec(v)
+vhv = op.backend.dot(v, hv)
+res = lanczos(op, k=1, max_iter=25, tol=1e-10, seed=0)
+out = {"lambda_max": res.eigenvalues[0], "converged": res.converged, "vHv": vhv,
+       "loss": ctx.reduce_loss(op.last_loss), "ctx": (ctx.tp_rank, ctx.pp_rank, ctx.dp_rank), "shards": {}}
+fd = HessianOperator(model, gpt_loss_fn, micro, mode="fd", fd_scheme="central", parallel=ctx).matvec(v)
+grad_fn = schedule_grad_fn(model, gpt_loss_fn, micro, seq_length=preset.seq_length, micro_batch_size=mbs)
+sched = HessianOperator(model, gpt_loss_fn, micro, mode="fd", fd_scheme="central", parallel=ctx,
+                        grad_fn=grad_fn).matvec(v)
+for spec, h, f, s in zip(op.backend.specs, hv, fd, sched):
+    out["shards"][spec.name] = {"exact": h, "fd": f, "sched": s, "partition_dim": spec.partition_dim,
+                                "tp_rank": spec.tp_rank, "tp_size": spec.tp_size}
+import torch.distributed as dist  # noqa: E402
+
+torch.save(out, os.path.join(a.out, f"rank{dist.get_rank()}.pt"))
+shutdown()
