@@ -19,8 +19,9 @@ def rank() -> int:
 
 class _RankFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
-        record.rank = rank()
-        return record.levelno >= logging.WARNING or record.rank == 0
+        r = rank()
+        record.rank = r  # type: ignore[attr-defined]
+        return record.levelno >= logging.WARNING or r == 0
 
 
 def setup_logging(level: int | str = "INFO") -> None:

@@ -222,7 +222,7 @@ class ParallelContext:
             sharded = bool(getattr(p, "tensor_model_parallel", False)) and self.tp_size > 1
             if sharded and getattr(p, "partition_stride", 1) != 1:
                 raise ValueError(
-                    f"parameter {name!r} has partition_stride={p.partition_stride}; strided TP "
+                    f"parameter {name!r} has partition_stride={getattr(p, 'partition_stride', None)}; strided TP "
                     "partitions are not supported by the curvature backend"
                 )
             is_tied_copy = bool(getattr(p, "shared", False)) and self.pp_size > 1 and not self.is_first_stage
@@ -232,7 +232,7 @@ class ParallelContext:
                     name=self.global_name(name, p),
                     shape=tuple(p.shape),
                     owned=owned,
-                    partition_dim=int(p.partition_dim) if sharded else None,
+                    partition_dim=int(getattr(p, "partition_dim", 0)) if sharded else None,
                     tp_size=self.tp_size if sharded else 1,
                     tp_rank=self.tp_rank if sharded else 0,
                 )

@@ -72,11 +72,13 @@ class BlockOperator:
     def __init__(self, op, indices: Sequence[int]) -> None:
         self.op = op
         wanted = set(indices)
-        self.backend = _MaskedBackend(op.backend, [i in wanted for i in range(len(op.backend.specs))])
+        self.backend: VectorBackend = _MaskedBackend(op.backend, [i in wanted for i in range(len(op.backend.specs))])
         self.n_matvec = 0
 
     def matvec(self, v: Vector) -> Vector:
         self.n_matvec += 1
-        return self.backend.project(self.op.matvec(self.backend.project(v)))
+        b = self.backend
+        assert isinstance(b, _MaskedBackend)
+        return b.project(self.op.matvec(b.project(v)))
 
     __call__ = matvec

@@ -146,7 +146,9 @@ class HessianOperator:
 
     # ------------------------------------------------------------------ parameter selection
     def _select_params(self, params) -> list[tuple[str, torch.Tensor]]:
-        named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+        named: list[tuple[str, torch.Tensor]] = [
+            (n, p) for n, p in self.model.named_parameters() if p.requires_grad
+        ]
         if params is None:
             return named
         params = list(params)
@@ -217,8 +219,8 @@ class HessianOperator:
             else:
                 out = self._stage_fn(mb, None)
                 loss = float(out.detach())
-                g = torch.autograd.grad(out, self.params, allow_unused=True)
-                g = [torch.zeros_like(p) if gi is None else gi for gi, p in zip(g, self.params)]
+                g_raw = torch.autograd.grad(out, self.params, allow_unused=True)
+                g = [torch.zeros_like(p) if gi is None else gi for gi, p in zip(g_raw, self.params)]
             total += loss / n
             for a, gi in zip(acc, g):
                 a.add_(gi.detach().to(a.dtype), alpha=1.0 / n)
@@ -253,11 +255,10 @@ class HessianOperator:
                 loss = float(out.detach())
                 g = torch.autograd.grad(out, self.params, create_graph=True, allow_unused=True)
                 pairs = [(gi, vi) for gi, vi in zip(g, vp) if gi is not None and gi.requires_grad]
+                hv_raw: Sequence[torch.Tensor | None] = [None] * len(self.params)
                 if pairs:
                     hv_raw = torch.autograd.grad([gi for gi, _ in pairs], self.params,
                                                  grad_outputs=[vi for _, vi in pairs], allow_unused=True)
-                else:
-                    hv_raw = tuple(None for _ in self.params)
                 hv = [torch.zeros_like(p) if h is None else h for h, p in zip(hv_raw, self.params)]
             total += loss / n
             for a, h in zip(acc, hv):
@@ -307,9 +308,10 @@ class HessianOperator:
         for mb in self.microbatches:
 
             def loss_of(pdict, mb=mb):
-                return self.loss_fn(_FunctionalModel(self.model, pdict, functional_call), mb)
+                fmodel: Any = _FunctionalModel(self.model, pdict, functional_call)
+                return self.loss_fn(fmodel, mb)
 
-            _, hv = jvp(grad(loss_of), (primals,), (tangents,))
+            hv = jvp(grad(loss_of), (primals,), (tangents,))[1]
             for a, n in zip(acc, names):
                 a.add_(hv[n].detach().to(a.dtype), alpha=1.0 / n_mb)
         return self._finish(acc)
@@ -342,7 +344,7 @@ class _FunctionalModel:
 
 
 def _megatron_set_input(model: torch.nn.Module, inp: torch.Tensor | None) -> None:
-    m = model
+    m: Any = model
     while not hasattr(m, "set_input_tensor") and hasattr(m, "module"):
         m = m.module
     if not hasattr(m, "set_input_tensor"):

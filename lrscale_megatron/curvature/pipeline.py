@@ -92,12 +92,12 @@ def pipeline_hvp(ctx: ParallelContext, stage_fn: StageFn, batch: Any, params: li
         loss = float("nan")
     inputs = params + ([a] if a is not None else [])
     gs = _grads(target, inputs, create_graph=True)
-    g, ga = gs[: len(params)], (gs[-1] if a is not None else None)
-    if a is not None:
-        ctx.send_prev(ga.detach())
-    # 3. forward tangent sweep
+    g = gs[: len(params)]
     sigma = _inner(g, v)
     if a is not None:
+        ga = gs[-1]
+        ctx.send_prev(ga.detach())
+        # 3. forward tangent sweep
         u = ctx.recv_prev().to(ga.dtype)
         sigma = sigma + _inner([ga], [u])
     if gamma is not None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import zlib
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import torch
 
@@ -90,12 +91,12 @@ def transformer_config(preset: GPTPreset, ctx: ParallelContext, dtype: torch.dty
 
 def build_gpt(preset: GPTPreset, ctx: ParallelContext, dtype: torch.dtype = torch.float32, seed: int = 0):
     """This rank's part of a megatron-core GPTModel for ``preset`` (parallel_state must be initialised)."""
+    import contextlib
+
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
-    import contextlib
-
-    cpu = contextlib.nullcontext()
+    cpu: contextlib.AbstractContextManager = contextlib.nullcontext()
     if not torch.cuda.is_available():  # tied-embedding setup under PP calls .cuda()
         from lrscale_megatron.integrations.megatron_cpu import CudaToCpuMode
 
@@ -155,7 +156,7 @@ def causal_mask(seq_length: int) -> torch.Tensor:
 def gpt_loss_fn(model: torch.nn.Module, batch: dict) -> torch.Tensor:
     """Stage output of a megatron GPTModel on ``batch`` (tokens, labels, loss_mask, position_ids):
     the masked mean next-token loss on the last stage, the hidden states elsewhere."""
-    m = model
+    m: Any = model
     while not hasattr(m, "post_process") and hasattr(m, "module"):
         m = m.module
     s = batch["tokens"].shape[1]
