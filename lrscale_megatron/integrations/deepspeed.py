@@ -1,0 +1,91 @@
+"""Make ``"scheduler": {"type": "LRScale", "params": {...}}`` work in ``deepspeed.initialize``.
+
+DeepSpeed 0.19 has no scheduler registry: ``DeepSpeedEngine._scheduler_from_config`` looks the type
+name up with ``getattr(deepspeed.runtime.lr_schedules, name)``. :func:`register` adds ``LRScale`` there
+(on every rank, before ``deepspeed.initialize``; idempotent, reversible with :func:`unregister`).
+
+Launch (the config below, saved as ``ds_config.json``)::
+
+    # one process (CPU / one GPU)
+    RANK=0 WORLD_SIZE=1 LOCAL_RANK=0 MASTER_ADDR=127.0.0.1 MASTER_PORT=29500 python train.py
+    # one node
+    torchrun --nproc_per_node 8 train.py          # or: deepspeed --num_gpus 8 train.py
+    # many nodes
+    deepspeed --hostfile hosts --num_nodes 4 --num_gpus 8 train.py
+
+``train.py``::
+
+    import lrscale_megatron.integrations.deepspeed as lrs_ds
+    lrs_ds.register()
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(),
+                                      config="ds_config.json")
+    engine.lr_scheduler.attach_curvature(engine.module, loss_fn, held_batch)   # online mode only
+
+``ds_config.json`` scheduler block (steps are optimizer iterations)::
+
+    "scheduler": {"type": "LRScale", "params": {
+        "law": "gpt-adamw", "model": {"params": 1.2e8, "tokens": 2.5e9, "batch_tokens": 524288},
+        "min_lr": 3e-5, "warmup_steps": 2000, "total_steps": 4768, "decay_style": "cosine",
+        "online": {"enabled": true, "adapt_every": 200}}}
+
+A client ``lr_scheduler=`` passed to ``deepspeed.initialize`` silently wins over the config's
+``"scheduler"`` (DeepSpeed behaviour); do not pass one. Online mode is not supported under ZeRO-3 (the
+curvature core needs whole parameters).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from lrscale_megatron.scheduler import LRScaleConfig, LRScaleScheduler
+
+logger = logging.getLogger(__name__)
+
+SCHEDULER_TYPE = "LRScale"
+
+
+def LRScale(optimizer: Any, **params: Any) -> LRScaleScheduler:  # noqa: N802 - the DeepSpeed type name
+    """Factory DeepSpeed calls as ``LRScale(engine.optimizer, **scheduler_params)``.
+
+    ``engine.optimizer`` is a ZeRO / bf16 wrapper under ZeRO; the torch optimizer inside it is
+    taken with ``deepspeed.runtime.lr_schedules.get_torch_optimizer``.
+    """
+    from deepspeed.runtime.lr_schedules import get_torch_optimizer
+
+    config = LRScaleConfig.from_dict(params, where="scheduler.params")
+    return LRScaleScheduler(get_torch_optimizer(optimizer), config)
+
+
+def register() -> None:
+    """Make DeepSpeed resolve ``"type": "LRScale"``. Idempotent; call on every rank before initialize."""
+    from deepspeed.runtime import lr_schedules
+
+    current = getattr(lr_schedules, SCHEDULER_TYPE, None)
+    if current is LRScale:
+        return
+    if current is not None:
+        raise RuntimeError(
+            f"deepspeed.runtime.lr_schedules already defines {SCHEDULER_TYPE!r} "
+            f"({current!r}); refusing to overwrite it"
+        )
+    setattr(lr_schedules, SCHEDULER_TYPE, LRScale)
+    if SCHEDULER_TYPE not in lr_schedules.VALID_LR_SCHEDULES:
+        lr_schedules.VALID_LR_SCHEDULES.append(SCHEDULER_TYPE)
+    logger.info("lrscale: registered DeepSpeed scheduler type %r", SCHEDULER_TYPE)
+
+
+def unregister() -> None:
+    """Undo :func:`register` (no-op if not registered)."""
+    from deepspeed.runtime import lr_schedules
+
+    if getattr(lr_schedules, SCHEDULER_TYPE, None) is LRScale:
+        delattr(lr_schedules, SCHEDULER_TYPE)
+        if SCHEDULER_TYPE in lr_schedules.VALID_LR_SCHEDULES:
+            lr_schedules.VALID_LR_SCHEDULES.remove(SCHEDULER_TYPE)
+
+
+def is_registered() -> bool:
+    from deepspeed.runtime import lr_schedules
+
+    return getattr(lr_schedules, SCHEDULER_TYPE, None) is LRScale
