@@ -1,0 +1,1 @@
+"""LR sweeps: a crash-safe SQLite run store and a resumable, multi-process runner."""

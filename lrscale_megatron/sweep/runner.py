@@ -1,0 +1,259 @@
+"""Run a sweep grid into a :class:`~lrscale_megatron.sweep.store.SweepStore`, resumably.
+
+Launch (one process, or ``workers`` processes on one node)::
+
+    from lrscale_megatron.sweep.runner import SweepGrid, run_sweep
+    grid = SweepGrid(widths=(256, 512), depths=(4, 8), token_budgets=(1e8,), batch_tokens=(65536,),
+                     lr_min=1e-4, lr_max=1e-2, n_lr=9)
+    run_sweep("runs/sweep.db", grid.expand(), train_fn, workers=2)
+
+Re-running the same call skips finished runs, resets runs left ``running`` by a killed process, and
+never duplicates a run (ids are hashes of the full config). ``train_fn(config, report) -> RunResult``
+is pluggable: ``report(step=..., train_loss=..., tokens=..., val_loss=...)`` writes progress.
+Multi-node sweeps: point several launches at one store on a shared filesystem that supports SQLite
+locking; runs are claimed atomically.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import multiprocessing as mp
+import time
+import traceback
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from lrscale_megatron.sweep.store import SweepStore, this_owner
+
+logger = logging.getLogger(__name__)
+
+
+class Report(Protocol):
+    def __call__(
+        self, step: int, train_loss: float, tokens: int | None = None, val_loss: float | None = None
+    ) -> None: ...
+
+
+@dataclass(frozen=True)
+class RunResult:
+    """What a ``train_fn`` returns.
+
+    Attributes:
+        final_train_loss: last (smoothed) train loss.
+        final_val_loss: last validation loss, ``None`` if never evaluated.
+        tokens: tokens actually trained on.
+        energy_j: energy in joules, ``None`` when unavailable (never 0).
+    """
+
+    final_train_loss: float
+    final_val_loss: float | None = None
+    tokens: int | None = None
+    energy_j: float | None = None
+
+    def __post_init__(self) -> None:
+        if not math.isfinite(self.final_train_loss):
+            raise ValueError(
+                f"RunResult.final_train_loss={self.final_train_loss!r}; fix: report a finite loss or raise"
+            )
+        if self.energy_j is not None and not self.energy_j > 0:
+            raise ValueError(
+                f"RunResult.energy_j={self.energy_j!r}; fix: use None when energy is unavailable, never 0"
+            )
+
+
+TrainFn = Callable[[dict[str, Any], Report], RunResult]
+
+
+@dataclass(frozen=True)
+class SweepGrid:
+    """A full-factorial sweep: shapes x token budgets x batch sizes x log-uniform LRs.
+
+    Attributes:
+        widths: hidden sizes.
+        depths: layer counts.
+        token_budgets: training tokens per run.
+        batch_tokens: tokens per optimizer step.
+        lr_min, lr_max, n_lr: ``n_lr`` peak LRs log-uniform in [lr_min, lr_max] (6 significant digits).
+        seq_len: sequence length in tokens.
+        base: fixed config entries copied into every run (seed, vocab size, ...); part of the run id.
+    """
+
+    widths: tuple[int, ...]
+    depths: tuple[int, ...]
+    token_budgets: tuple[float, ...]
+    batch_tokens: tuple[int, ...]
+    lr_min: float
+    lr_max: float
+    n_lr: int
+    seq_len: int = 2048
+    base: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for name in ("widths", "depths", "token_budgets", "batch_tokens"):
+            vals = tuple(getattr(self, name))
+            object.__setattr__(self, name, vals)
+            if not vals or any(not (isinstance(v, int | float) and v > 0) for v in vals):
+                raise ValueError(f"SweepGrid.{name}={vals!r}; fix: give at least one positive value")
+        if not 0 < self.lr_min <= self.lr_max:
+            raise ValueError(
+                f"SweepGrid.lr_min={self.lr_min}, lr_max={self.lr_max}; fix: need 0 < lr_min <= lr_max"
+            )
+        if self.n_lr < 1 or (self.n_lr == 1 and self.lr_min != self.lr_max):
+            raise ValueError(f"SweepGrid.n_lr={self.n_lr}; fix: use n_lr >= 2 (or 1 with lr_min == lr_max)")
+
+    def lrs(self) -> list[float]:
+        if self.n_lr == 1:
+            return [float(f"{self.lr_min:.6g}")]
+        step = math.log(self.lr_max / self.lr_min) / (self.n_lr - 1)
+        return [float(f"{self.lr_min * math.exp(i * step):.6g}") for i in range(self.n_lr)]
+
+    def expand(self) -> list[dict[str, Any]]:
+        """One config per run; ``params`` = 12 * depth * width^2 non-embedding parameters (Kaplan et al. 2020)."""
+        out = []
+        for w in self.widths:
+            for d in self.depths:
+                for t in self.token_budgets:
+                    for b in self.batch_tokens:
+                        for lr in self.lrs():
+                            out.append(
+                                {
+                                    **self.base,
+                                    "width": int(w),
+                                    "depth": int(d),
+                                    "params": 12 * int(d) * int(w) ** 2,
+                                    "tokens": int(t),
+                                    "batch_tokens": int(b),
+                                    "seq_len": self.seq_len,
+                                    "lr": lr,
+                                }
+                            )
+        return out
+
+
+def _as_result(value: Any) -> RunResult:
+    if isinstance(value, RunResult):
+        return value
+    if isinstance(value, dict):
+        return RunResult(**value)
+    raise TypeError(
+        f"train_fn returned {type(value).__name__}; fix: return a RunResult (or a dict of its fields)"
+    )
+
+
+def _worker(store_path: str, train_fn: TrainFn, run_ids: Sequence[str]) -> int:
+    """Claim and run pending runs until none is left; returns how many this process finished."""
+    store = SweepStore(store_path)
+    owner = this_owner()
+    done = 0
+    try:
+        while (run := store.claim_next(owner, run_ids)) is not None:
+            t0 = time.monotonic()
+            rid = run.run_id
+
+            def report(
+                step: int,
+                train_loss: float,
+                tokens: int | None = None,
+                val_loss: float | None = None,
+                _rid: str = rid,
+                _t0: float = t0,
+            ) -> None:
+                store.log_step(_rid, owner, step, train_loss, tokens, time.monotonic() - _t0)
+                if val_loss is not None:
+                    store.log_val(_rid, owner, step, val_loss, tokens)
+
+            try:
+                res = _as_result(train_fn(run.config, report))
+            except Exception:
+                err = traceback.format_exc()
+                logger.error("run %s failed:\n%s", rid, err)
+                store.fail(rid, owner, err, time.monotonic() - t0)
+                continue
+            store.finish(
+                rid,
+                owner,
+                res.final_train_loss,
+                res.final_val_loss,
+                res.tokens,
+                time.monotonic() - t0,
+                res.energy_j,
+            )
+            done += 1
+    finally:
+        store.close()
+    return done
+
+
+@dataclass(frozen=True)
+class SweepSummary:
+    """Store state for this sweep's runs after :func:`run_sweep`."""
+
+    total: int
+    finished: int
+    failed: int
+    reset: int
+    skipped: int
+
+
+def run_sweep(
+    store_path: str | Path,
+    configs: Sequence[dict[str, Any]],
+    train_fn: TrainFn,
+    workers: int = 1,
+    progress: bool = True,
+    retry_failed: bool = True,
+    start_method: str = "spawn",
+) -> SweepSummary:
+    """Run every config not yet finished; ``workers > 1`` uses that many processes (``train_fn`` must pickle)."""
+    if workers < 1:
+        raise ValueError(f"run_sweep: workers={workers}; fix: use workers >= 1")
+    store = SweepStore(store_path)
+    try:
+        ids = store.add_runs(configs)
+        unique = list(dict.fromkeys(ids))
+        reset = store.reset_stale()
+        if retry_failed:
+            store.retry_failed()
+        skipped = sum(1 for r in unique if (run := store.get(r)) is not None and run.state == "finished")
+        logger.info("sweep: %d runs, %d already finished, %d reset", len(unique), skipped, len(reset))
+        pending = [r for r in unique if (run := store.get(r)) is not None and run.state == "pending"]
+        bar = None
+        if progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=len(unique), initial=skipped, desc="sweep", unit="run")
+        if workers == 1 or len(pending) <= 1:
+            if bar is not None:
+                bar.close()
+                bar = None
+            _worker(str(store_path), train_fn, unique)
+        else:
+            ctx: Any = mp.get_context(start_method)
+            procs = [
+                ctx.Process(target=_worker, args=(str(store_path), train_fn, unique))
+                for _ in range(min(workers, len(pending)))
+            ]
+            for p in procs:
+                p.start()
+            while any(p.is_alive() for p in procs):
+                time.sleep(0.2)
+                if bar is not None:
+                    n = sum(
+                        1
+                        for r in unique
+                        if (run := store.get(r)) is not None and run.state in ("finished", "failed")
+                    )
+                    bar.update(n - bar.n)
+            for p in procs:
+                p.join()
+            if bar is not None:
+                bar.close()
+        states = [run.state for r in unique if (run := store.get(r)) is not None]
+        return SweepSummary(
+            len(unique), states.count("finished"), states.count("failed"), len(reset), skipped
+        )
+    finally:
+        store.close()
