@@ -3,6 +3,7 @@
     lrscale spectrum --preset tiny --json out.json          # Hessian spectrum of a GPT preset
     lrscale fit --steplaw-csv PATH --out LAW.json           # fit a learning-rate law
     lrscale predict --params 1.3e9 --tokens 1e11 --batch-tokens 4e6 --json
+    lrscale prepare-data --corpus shakespeare --vocab-size 8192 --out data/   # IndexedDataset .bin/.idx
 
 Run under torchrun as ``python -m lrscale_megatron.cli ...``.
 """
@@ -26,18 +27,21 @@ def build_parser() -> argparse.ArgumentParser:
     spectrum.add_arguments(sp)
     sp.set_defaults(func=spectrum.run)
 
-    try:
-        from lrscale_megatron.law import cli as law_cli
-    except ImportError:
-        law_cli = None  # type: ignore[assignment]
-    if law_cli is not None:
-        law_cli.add_subcommands(sub)
+    from lrscale_megatron.law import cli as law_cli
+
+    law_cli.add_subcommands(sub)
+    sub.add_parser("prepare-data", help="tokenize a shipped corpus into Megatron .bin/.idx (see --help)")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     # The DeepSpeed launcher appends --local_rank=N; torchrun sets LOCAL_RANK instead.
     argv = [a for a in (sys.argv[1:] if argv is None else argv) if not a.startswith("--local_rank")]
+    if argv and argv[0] == "prepare-data":
+        from lrscale_megatron.data.prepare import prepare_main
+
+        setup_logging("INFO")
+        return prepare_main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     setup_logging(args.log_level)

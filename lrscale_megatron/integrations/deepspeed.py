@@ -15,8 +15,8 @@ Launch (the config below, saved as ``ds_config.json``)::
 
 ``train.py``::
 
-    import lrscale_megatron.integrations.deepspeed as lrs_ds
-    lrs_ds.register()
+    import lrscale_megatron          # registers "LRScale" when deepspeed is (or gets) imported
+    # or explicitly: lrscale_megatron.integrations.deepspeed.register()
     engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(),
                                       config="ds_config.json")
     engine.lr_scheduler.attach_curvature(engine.module, loss_fn, held_batch)   # online mode only
@@ -24,7 +24,7 @@ Launch (the config below, saved as ``ds_config.json``)::
 ``ds_config.json`` scheduler block (steps are optimizer iterations)::
 
     "scheduler": {"type": "LRScale", "params": {
-        "law": "gpt-adamw", "model": {"params": 1.2e8, "tokens": 2.5e9, "batch_tokens": 524288},
+        "law": "steplaw-dense", "model": {"params": 1.2e8, "tokens": 2.5e9, "batch_tokens": 524288},
         "min_lr": 3e-5, "warmup_steps": 2000, "total_steps": 4768, "decay_style": "cosine",
         "online": {"enabled": true, "adapt_every": 200}}}
 
@@ -35,7 +35,10 @@ curvature core needs whole parameters).
 
 from __future__ import annotations
 
+import importlib.abc
+import importlib.util
 import logging
+import sys
 from typing import Any
 
 from lrscale_megatron.scheduler import LRScaleConfig, LRScaleScheduler
@@ -89,3 +92,36 @@ def is_registered() -> bool:
     from deepspeed.runtime import lr_schedules
 
     return getattr(lr_schedules, SCHEDULER_TYPE, None) is LRScale
+
+
+_LR_SCHEDULES = "deepspeed.runtime.lr_schedules"
+
+
+class _RegisterOnImport(importlib.abc.MetaPathFinder):
+    """Runs :func:`register` right after ``deepspeed.runtime.lr_schedules`` is first imported."""
+
+    def find_spec(self, fullname, path, target=None):
+        if fullname != _LR_SCHEDULES:
+            return None
+        sys.meta_path.remove(self)  # one shot; also keeps the lookup below from recursing
+        spec = importlib.util.find_spec(fullname)
+        if spec is None or spec.loader is None or not hasattr(spec.loader, "exec_module"):
+            return spec
+        loader = spec.loader
+        original = loader.exec_module
+
+        def exec_module(module):
+            original(module)
+            register()
+
+        loader.exec_module = exec_module  # type: ignore[method-assign]
+        return spec
+
+
+def register_on_import() -> None:
+    """Register now if DeepSpeed's scheduler module is loaded, else as soon as it is (no DeepSpeed import
+    here: ``import lrscale_megatron`` stays cheap). Idempotent."""
+    if _LR_SCHEDULES in sys.modules:
+        register()
+    elif not any(isinstance(f, _RegisterOnImport) for f in sys.meta_path):
+        sys.meta_path.insert(0, _RegisterOnImport())

@@ -1,4 +1,4 @@
-"""Spawn a script under torchrun with N gloo processes on a free port (shared by the distributed tests)."""
+"""Spawn a script (or `-m module`) under torchrun with N gloo processes on a free port (shared by the distributed tests)."""
 
 from __future__ import annotations
 
