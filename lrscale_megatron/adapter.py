@@ -229,15 +229,23 @@ def measure_lambda_max(
     max_iter: int = 20,
     tol: float = 1e-3,
     seed: int = 0,
+    parallel: Any = None,
 ) -> Estimate:
     """The measure hook: top Hessian eigenvalue of ``loss_fn`` on ``batch`` by Lanczos.
 
     ``params`` restricts the Hessian to a subset of parameters (one param group in per-group mode).
-    The curvature core is imported here, lazily, so the policy above never needs it.
+    ``parallel`` is the job's :class:`~lrscale_megatron.parallel.ParallelContext`; ``None`` resolves it
+    with :func:`lrscale_megatron.parallel.resolve_context` (megatron ``parallel_state`` when initialised,
+    else plain data parallelism over the world, else one process). Every rank of the job must call this
+    together: the products are collective. The curvature core is imported here, lazily, so the policy
+    above never needs it.
     """
     from lrscale_megatron.curvature import HessianOperator, lanczos
+    from lrscale_megatron.parallel import resolve_context
 
-    op = HessianOperator(model, loss_fn, batch, mode=mode, params=None if params is None else list(params))
+    ctx = parallel if parallel is not None else resolve_context(model)
+    op = HessianOperator(model, loss_fn, batch, mode=mode, params=None if params is None else list(params),
+                         parallel=ctx)
     res = lanczos(op, k=1, max_iter=max_iter, tol=tol, seed=seed)
     lam = float(res.eigenvalues[0]) if len(res.eigenvalues) else math.nan
     return Estimate(

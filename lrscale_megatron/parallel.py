@@ -315,6 +315,14 @@ class ParallelContext:
                 f"(rank tp{self.tp_rank}/pp{self.pp_rank}/dp{self.dp_rank}, from {self.source})")
 
 
+def resolve_context(model: torch.nn.Module | None = None) -> ParallelContext:
+    """The context of the running job: megatron ``parallel_state`` when it is initialised, else data
+    parallelism over the whole world when ``torch.distributed`` is, else a single process."""
+    if _megatron_initialized():
+        return ParallelContext.from_megatron(model)
+    return ParallelContext.from_ddp()
+
+
 _DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
 
 

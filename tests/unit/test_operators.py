@@ -286,3 +286,15 @@ def test_bad_arguments_name_the_field():
         HessianOperator(model, loss_fn, batch, params=["nope.weight"])
     with pytest.raises(ValueError, match="grad_fn"):
         HessianOperator(model, loss_fn, batch, mode="exact", grad_fn=lambda: (0.0, []))
+
+
+def test_resolve_context_single_process_without_distributed():
+    import torch.distributed as dist
+
+    from lrscale_megatron.parallel import ParallelContext, resolve_context
+
+    assert not dist.is_initialized()
+    ctx = resolve_context()
+    assert (ctx.tp_size, ctx.pp_size, ctx.dp_size, ctx.world_size) == (1, 1, 1, 1)
+    with pytest.raises(ValueError, match=r"tp\(2\) \* pp\(1\) \* dp\(1\) = 2 != world_size\(1\)"):
+        ParallelContext(tp_size=2)
