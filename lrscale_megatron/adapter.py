@@ -244,8 +244,9 @@ def measure_lambda_max(
     from lrscale_megatron.parallel import resolve_context
 
     ctx = parallel if parallel is not None else resolve_context(model)
-    op = HessianOperator(model, loss_fn, batch, mode=mode, params=None if params is None else list(params),
-                         parallel=ctx)
+    op = HessianOperator(
+        model, loss_fn, batch, mode=mode, params=None if params is None else list(params), parallel=ctx
+    )
     res = lanczos(op, k=1, max_iter=max_iter, tol=tol, seed=seed)
     lam = float(res.eigenvalues[0]) if len(res.eigenvalues) else math.nan
     return Estimate(

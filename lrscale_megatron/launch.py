@@ -51,8 +51,10 @@ def init_megatron(tp: int = 1, pp: int = 1, seed: int = 0, backend: str | None =
     init_process_group(backend)
     world = dist.get_world_size()
     if world % (tp * pp) != 0:
-        raise ValueError(f"tp({tp}) * pp({pp}) = {tp * pp} does not divide world_size({world}); "
-                         "launch a multiple of tp*pp processes")
+        raise ValueError(
+            f"tp({tp}) * pp({pp}) = {tp * pp} does not divide world_size({world}); "
+            "launch a multiple of tp*pp processes"
+        )
     if not ps.model_parallel_is_initialized():
         ps.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
     if not torch.cuda.is_available():

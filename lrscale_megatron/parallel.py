@@ -79,8 +79,11 @@ class ParallelContext:
                 f"{self.tp_size * self.pp_size * self.dp_size} != world_size({self.world_size}); "
                 "choose sizes whose product is the number of processes"
             )
-        for r, s, name in ((self.tp_rank, self.tp_size, "tp"), (self.pp_rank, self.pp_size, "pp"),
-                           (self.dp_rank, self.dp_size, "dp")):
+        for r, s, name in (
+            (self.tp_rank, self.tp_size, "tp"),
+            (self.pp_rank, self.pp_size, "pp"),
+            (self.dp_rank, self.dp_size, "dp"),
+        ):
             if not 0 <= r < s:
                 raise ValueError(f"ParallelContext.{name}_rank={r} is outside [0, {name}_size={s})")
 
@@ -185,13 +188,17 @@ class ParallelContext:
         if not dist.is_available() or not dist.is_initialized():
             return cls.single()
         size = dist.get_world_size(group)
-        return cls(
-            dp_size=size,
-            dp_rank=dist.get_rank(group),
-            dp_group=group if group is not None else dist.group.WORLD,
-            world_size=size,
-            source="ddp",
-        ) if size > 1 else cls.single()
+        return (
+            cls(
+                dp_size=size,
+                dp_rank=dist.get_rank(group),
+                dp_group=group if group is not None else dist.group.WORLD,
+                world_size=size,
+                source="ddp",
+            )
+            if size > 1
+            else cls.single()
+        )
 
     # ------------------------------------------------------------------ layout queries
     @property
@@ -209,7 +216,11 @@ class ParallelContext:
     def global_name(self, name: str, param: torch.Tensor | None = None) -> str:
         """Layout-independent name: stage-local layer indices made global; the last stage's copy of a
         tied embedding named after the word embedding it mirrors."""
-        if param is not None and getattr(param, "shared", False) and getattr(param, "shared_embedding", False):
+        if (
+            param is not None
+            and getattr(param, "shared", False)
+            and getattr(param, "shared_embedding", False)
+        ):
             return "embedding.word_embeddings.weight"
         if self.layer_offset:
             return _LAYER_RE.sub(lambda m: f"{m.group(1)}layers.{int(m.group(2)) + self.layer_offset}.", name)
@@ -245,11 +256,19 @@ class ParallelContext:
             return []
         return [i for i, (_, p) in enumerate(named_params) if getattr(p, "shared_embedding", False)]
 
-    def backend(self, named_params: Sequence[tuple[str, torch.Tensor]], dtype: torch.dtype,
-                device: torch.device | str = "cpu") -> VectorBackend:
+    def backend(
+        self,
+        named_params: Sequence[tuple[str, torch.Tensor]],
+        dtype: torch.dtype,
+        device: torch.device | str = "cpu",
+    ) -> VectorBackend:
         """A :class:`VectorBackend` whose inner products reduce over this context's model-parallel group."""
-        return VectorBackend(self.param_specs(named_params), dtype=dtype, device=device,
-                             all_reduce=self.all_reduce_model_parallel if self.model_parallel else None)
+        return VectorBackend(
+            self.param_specs(named_params),
+            dtype=dtype,
+            device=device,
+            all_reduce=self.all_reduce_model_parallel if self.model_parallel else None,
+        )
 
     # ------------------------------------------------------------------ collectives
     def all_reduce_model_parallel(self, t: torch.Tensor) -> None:
@@ -271,7 +290,7 @@ class ParallelContext:
         off = 0
         for t in tensors:
             n = t.numel()
-            t.copy_(flat[off:off + n].view_as(t))
+            t.copy_(flat[off : off + n].view_as(t))
             off += n
 
     def sum_tied_embeddings(self, tensors: list[torch.Tensor], indices: Sequence[int]) -> None:
@@ -311,8 +330,10 @@ class ParallelContext:
         return _recv(self.pp_next_rank)
 
     def describe(self) -> str:
-        return (f"tp={self.tp_size} pp={self.pp_size} dp={self.dp_size} "
-                f"(rank tp{self.tp_rank}/pp{self.pp_rank}/dp{self.dp_rank}, from {self.source})")
+        return (
+            f"tp={self.tp_size} pp={self.pp_size} dp={self.dp_size} "
+            f"(rank tp{self.tp_rank}/pp{self.pp_rank}/dp{self.dp_rank}, from {self.source})"
+        )
 
 
 def resolve_context(model: torch.nn.Module | None = None) -> ParallelContext:
@@ -338,7 +359,7 @@ def _send(t: torch.Tensor, dst: int | None) -> None:
     header = torch.full((10,), -1, dtype=torch.int64)
     header[0] = _DTYPES.index(t.dtype)
     header[1] = t.ndim
-    header[2:2 + t.ndim] = torch.tensor(t.shape, dtype=torch.int64)
+    header[2 : 2 + t.ndim] = torch.tensor(t.shape, dtype=torch.int64)
     dist.send(header, dst)
     dist.send(t, dst)
 
@@ -351,7 +372,7 @@ def _recv(src: int | None) -> torch.Tensor:
     header = torch.empty((10,), dtype=torch.int64)
     dist.recv(header, src)
     dtype = _DTYPES[int(header[0])]
-    shape = tuple(int(x) for x in header[2:2 + int(header[1])])
+    shape = tuple(int(x) for x in header[2 : 2 + int(header[1])])
     out = torch.empty(shape, dtype=dtype)
     dist.recv(out, src)
     return out

@@ -34,15 +34,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pp", type=int, default=1, help="pipeline-parallel size")
     p.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
     p.add_argument("--seed", type=int, default=0, help="seed of the weights, the batch and the start vectors")
-    p.add_argument("--hvp", default="exact", choices=["exact", "fd", "jvp"], help="Hessian-vector product mode")
+    p.add_argument(
+        "--hvp", default="exact", choices=["exact", "fd", "jvp"], help="Hessian-vector product mode"
+    )
     p.add_argument("--fd-scheme", default="forward", choices=["forward", "central"])
     p.add_argument("--top-k", type=int, default=1, help="number of top eigenvalues")
     p.add_argument("--max-iter", type=int, default=20, help="Lanczos iterations (Hessian-vector products)")
     p.add_argument("--tol", type=float, default=1e-3, help="relative residual tolerance")
     p.add_argument("--trace-samples", type=int, default=0, help="Hutchinson probes (0: no trace)")
     p.add_argument("--per-layer", action="store_true", help="also lambda_max of every transformer block")
-    p.add_argument("--batch-size", type=int, default=0,
-                   help="global batch in sequences (default 2 x preset micro-batch); split over DP ranks")
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=0,
+        help="global batch in sequences (default 2 x preset micro-batch); split over DP ranks",
+    )
     p.add_argument("--micro-batches", type=int, default=1, help="micro-batches per data-parallel rank")
     p.add_argument("--json", dest="json_out", default=None, help="write the result as JSON here")
 
@@ -55,8 +61,10 @@ def _validate(args: argparse.Namespace, preset, dp: int) -> int:
     if args.top_k > args.max_iter:
         raise SystemExit(f"--top-k={args.top_k} exceeds --max-iter={args.max_iter}; raise --max-iter")
     if gb % (dp * args.micro_batches):
-        raise SystemExit(f"--batch-size={gb} is not divisible by dp({dp}) * --micro-batches({args.micro_batches}); "
-                         f"use a multiple of {dp * args.micro_batches}")
+        raise SystemExit(
+            f"--batch-size={gb} is not divisible by dp({dp}) * --micro-batches({args.micro_batches}); "
+            f"use a multiple of {dp * args.micro_batches}"
+        )
     return gb
 
 
@@ -79,9 +87,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         per_rank = gb // ctx.dp_size
         rows = slice(ctx.dp_rank * per_rank, (ctx.dp_rank + 1) * per_rank)
         mbs = per_rank // args.micro_batches
-        micro = [{k: v[rows][i * mbs:(i + 1) * mbs] for k, v in full.items()} for i in range(args.micro_batches)]
-        logger.info("spectrum: preset=%s (%d params) %s dtype=%s hvp=%s global batch=%d",
-                    preset.name, preset.num_params(), ctx.describe(), args.dtype, args.hvp, gb)
+        micro = [
+            {k: v[rows][i * mbs : (i + 1) * mbs] for k, v in full.items()} for i in range(args.micro_batches)
+        ]
+        logger.info(
+            "spectrum: preset=%s (%d params) %s dtype=%s hvp=%s global batch=%d",
+            preset.name,
+            preset.num_params(),
+            ctx.describe(),
+            args.dtype,
+            args.hvp,
+            gb,
+        )
         op = HessianOperator(model, gpt_loss_fn, micro, mode=args.hvp, parallel=ctx, fd_scheme=args.fd_scheme)
         t0 = time.perf_counter()
         res = lanczos(op, k=args.top_k, max_iter=args.max_iter, tol=args.tol, seed=args.seed)
@@ -95,25 +112,54 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "n_matvec": res.n_matvec,
             "loss": ctx.reduce_loss(op.last_loss if op.last_loss is not None else float("nan")),
             "seconds": t_lanczos,
-            "config": {"preset": asdict(preset), "tp": ctx.tp_size, "pp": ctx.pp_size, "dp": ctx.dp_size,
-                       "dtype": args.dtype, "hvp": args.hvp, "seed": args.seed, "batch_size": gb,
-                       "micro_batches": args.micro_batches, "max_iter": args.max_iter, "tol": args.tol},
+            "config": {
+                "preset": asdict(preset),
+                "tp": ctx.tp_size,
+                "pp": ctx.pp_size,
+                "dp": ctx.dp_size,
+                "dtype": args.dtype,
+                "hvp": args.hvp,
+                "seed": args.seed,
+                "batch_size": gb,
+                "micro_batches": args.micro_batches,
+                "max_iter": args.max_iter,
+                "tol": args.tol,
+            },
         }
-        logger.info("lambda_max=%.6g converged=%s (%d products, %.2fs)", res.eigenvalues[0], res.converged,
-                    res.n_matvec, t_lanczos)
+        logger.info(
+            "lambda_max=%.6g converged=%s (%d products, %.2fs)",
+            res.eigenvalues[0],
+            res.converged,
+            res.n_matvec,
+            t_lanczos,
+        )
         if args.trace_samples:
             tr = hutchinson_trace(op, n_samples=args.trace_samples, seed=args.seed)
-            out["trace"] = {"estimate": tr.estimate, "stderr": tr.stderr, "n_samples": tr.n_samples,
-                            "converged": tr.converged, "reason": tr.reason}
+            out["trace"] = {
+                "estimate": tr.estimate,
+                "stderr": tr.stderr,
+                "n_samples": tr.n_samples,
+                "converged": tr.converged,
+                "reason": tr.reason,
+            }
         if args.per_layer:
             local = transformer_blocks(op.backend)
             names = ["embedding"] + [f"layers.{i}" for i in range(preset.num_layers)] + ["final"]
             per: dict[str, Any] = {}
             for name in names:
-                r = lanczos(BlockOperator(op, local.get(name, [])), k=1, max_iter=args.max_iter, tol=args.tol,
-                            seed=args.seed)
-                per[name] = {"lambda_max": r.eigenvalues[0], "converged": r.converged, "n_matvec": r.n_matvec,
-                             "reason": r.reason}
+                r = lanczos(
+                    BlockOperator(op, local.get(name, [])),
+                    k=1,
+                    max_iter=args.max_iter,
+                    tol=args.tol,
+                    seed=args.seed,
+                )
+                per[name] = {
+                    "lambda_max": r.eigenvalues[0],
+                    "converged": r.converged,
+                    "n_matvec": r.n_matvec,
+                    "reason": r.reason,
+                }
                 logger.info("  %-12s lambda_max=%.6g converged=%s", name, r.eigenvalues[0], r.converged)
             out["per_layer"] = per
         import torch.distributed as dist

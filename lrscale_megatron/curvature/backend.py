@@ -184,16 +184,15 @@ class VectorBackend:
     @property
     def dim(self) -> int:
         """Dimension of the global parameter vector (owned entries summed over model-parallel ranks)."""
-        n = torch.tensor(
-            float(sum(math.prod(s.shape) for s in self.specs if s.owned)), dtype=torch.float64
-        )
+        n = torch.tensor(float(sum(math.prod(s.shape) for s in self.specs if s.owned)), dtype=torch.float64)
         if self._all_reduce is not None:
             self._all_reduce(n)
         return int(round(n.item()))
 
 
-def single_process_backend(params: Sequence[torch.nn.Parameter], names: Sequence[str] | None = None,
-                           dtype: torch.dtype | None = None) -> VectorBackend:
+def single_process_backend(
+    params: Sequence[torch.nn.Parameter], names: Sequence[str] | None = None, dtype: torch.dtype | None = None
+) -> VectorBackend:
     """A backend for unsharded parameters (every tensor owned, no communication)."""
     names = list(names) if names is not None else [f"p{i}" for i in range(len(params))]
     specs = [ParamSpec(name=n, shape=tuple(p.shape)) for n, p in zip(names, params)]

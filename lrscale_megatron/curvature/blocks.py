@@ -38,7 +38,9 @@ def transformer_blocks(backend: VectorBackend) -> dict[str, list[int]]:
         out.setdefault(block_of(s.name), []).append(i)
 
     def key(n: str):
-        return (0, 0) if n == "embedding" else (1, int(n.split(".")[1])) if n.startswith("layers.") else (2, 0)
+        return (
+            (0, 0) if n == "embedding" else (1, int(n.split(".")[1])) if n.startswith("layers.") else (2, 0)
+        )
 
     return dict(sorted(out.items(), key=lambda kv: key(kv[0])))
 
@@ -59,8 +61,10 @@ class _MaskedBackend(VectorBackend):
 
     @property
     def dim(self) -> int:
-        n = torch.tensor(float(sum(torch.Size(s.shape).numel() for s, k in zip(self.specs, self.keep)
-                                   if s.owned and k)), dtype=torch.float64)
+        n = torch.tensor(
+            float(sum(torch.Size(s.shape).numel() for s, k in zip(self.specs, self.keep) if s.owned and k)),
+            dtype=torch.float64,
+        )
         if self._all_reduce is not None:
             self._all_reduce(n)
         return int(round(n.item()))
@@ -72,7 +76,9 @@ class BlockOperator:
     def __init__(self, op, indices: Sequence[int]) -> None:
         self.op = op
         wanted = set(indices)
-        self.backend: VectorBackend = _MaskedBackend(op.backend, [i in wanted for i in range(len(op.backend.specs))])
+        self.backend: VectorBackend = _MaskedBackend(
+            op.backend, [i in wanted for i in range(len(op.backend.specs))]
+        )
         self.n_matvec = 0
 
     def matvec(self, v: Vector) -> Vector:

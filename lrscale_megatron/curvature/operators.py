@@ -124,7 +124,9 @@ class HessianOperator:
         self._tied = self.parallel.tied_embedding_indices(self.named_params)
         eps_dtype = pdtype if pdtype in (torch.float32, torch.float64) else torch.float32
         u = torch.finfo(eps_dtype).eps / 2
-        self.fd_eps = fd_eps if fd_eps is not None else (math.sqrt(u) if fd_scheme == "forward" else u ** (1 / 3))
+        self.fd_eps = (
+            fd_eps if fd_eps is not None else (math.sqrt(u) if fd_scheme == "forward" else u ** (1 / 3))
+        )
         from lrscale_megatron.integrations import megatron_tp
 
         self._has_tp_layers = megatron_tp.model_has_megatron_tp_layers(model)
@@ -137,8 +139,10 @@ class HessianOperator:
         if mode == "jvp" and self.parallel.pp_size > 1:
             raise ValueError("mode='jvp' does not support pipeline parallelism; use mode='exact' or 'fd'")
         if self._has_tp_layers and not megatron_tp_patch and mode == "exact":
-            logger.warning("megatron TP layers without the twice-differentiable patch: exact "
-                           "Hessian-vector products will be WRONG (megatron_tp_patch=False)")
+            logger.warning(
+                "megatron TP layers without the twice-differentiable patch: exact "
+                "Hessian-vector products will be WRONG (megatron_tp_patch=False)"
+            )
         self.n_matvec = 0
         self.n_grad = 0
         self._base: tuple[float, list[torch.Tensor]] | None = None
@@ -157,8 +161,10 @@ class HessianOperator:
             known = {n for n, _ in named}
             missing = sorted(wanted - known)
             if missing:
-                raise ValueError(f"HessianOperator params: no trainable parameter named {missing[:5]}; "
-                                 f"known names start with {sorted(known)[:5]}")
+                raise ValueError(
+                    f"HessianOperator params: no trainable parameter named {missing[:5]}; "
+                    f"known names start with {sorted(known)[:5]}"
+                )
             return [(n, p) for n, p in named if n in wanted]
         ids = {id(p) for p in params}
         return [(n, p) for n, p in named if id(p) in ids]
@@ -185,7 +191,9 @@ class HessianOperator:
                 _megatron_set_input(self.model, inp)
         out = self.loss_fn(self.model, batch)
         if self.parallel.is_last_stage and out.dim() != 0:
-            raise ValueError(f"loss_fn must return a scalar loss on the last stage; got shape {tuple(out.shape)}")
+            raise ValueError(
+                f"loss_fn must return a scalar loss on the last stage; got shape {tuple(out.shape)}"
+            )
         return out
 
     def _to_vec(self, ts: Sequence[torch.Tensor]) -> Vector:
@@ -257,8 +265,12 @@ class HessianOperator:
                 pairs = [(gi, vi) for gi, vi in zip(g, vp) if gi is not None and gi.requires_grad]
                 hv_raw: Sequence[torch.Tensor | None] = [None] * len(self.params)
                 if pairs:
-                    hv_raw = torch.autograd.grad([gi for gi, _ in pairs], self.params,
-                                                 grad_outputs=[vi for _, vi in pairs], allow_unused=True)
+                    hv_raw = torch.autograd.grad(
+                        [gi for gi, _ in pairs],
+                        self.params,
+                        grad_outputs=[vi for _, vi in pairs],
+                        allow_unused=True,
+                    )
                 hv = [torch.zeros_like(p) if h is None else h for h, p in zip(hv_raw, self.params)]
             total += loss / n
             for a, h in zip(acc, hv):
@@ -272,7 +284,9 @@ class HessianOperator:
             return [torch.full_like(x, float("nan")) for x in v]
         if vnorm == 0.0:
             return self.backend.zeros()
-        theta_norm = math.sqrt(max(self.backend.dot(self._to_vec(self.params), self._to_vec(self.params)), 0.0))
+        theta_norm = math.sqrt(
+            max(self.backend.dot(self._to_vec(self.params), self._to_vec(self.params)), 0.0)
+        )
         h = self.fd_eps * max(1.0, theta_norm) / vnorm
         if self.fd_scheme == "forward":
             if self._base is None:
@@ -319,10 +333,19 @@ class HessianOperator:
     # ------------------------------------------------------------------ helpers
     def restrict(self, params: Sequence[str] | Sequence[torch.Tensor]) -> HessianOperator:
         """The same loss and batch, restricted to a block of parameters (e.g. one layer)."""
-        return HessianOperator(self.model, self.loss_fn, self.microbatches, mode=self.mode, params=params,
-                               parallel=self.parallel, fd_scheme=self.fd_scheme, fd_eps=self.fd_eps,
-                               megatron_tp_patch=self.megatron_tp_patch or not self._has_tp_layers,
-                               math_sdpa=self.math_sdpa, input_setter=self.input_setter)
+        return HessianOperator(
+            self.model,
+            self.loss_fn,
+            self.microbatches,
+            mode=self.mode,
+            params=params,
+            parallel=self.parallel,
+            fd_scheme=self.fd_scheme,
+            fd_eps=self.fd_eps,
+            megatron_tp_patch=self.megatron_tp_patch or not self._has_tp_layers,
+            math_sdpa=self.math_sdpa,
+            input_setter=self.input_setter,
+        )
 
     @property
     def dim(self) -> int:
@@ -348,8 +371,10 @@ def _megatron_set_input(model: torch.nn.Module, inp: torch.Tensor | None) -> Non
     while not hasattr(m, "set_input_tensor") and hasattr(m, "module"):
         m = m.module
     if not hasattr(m, "set_input_tensor"):
-        raise ValueError("pipeline-parallel HessianOperator needs model.set_input_tensor (megatron) or "
-                         "an input_setter=fn(model, tensor)")
+        raise ValueError(
+            "pipeline-parallel HessianOperator needs model.set_input_tensor (megatron) or "
+            "an input_setter=fn(model, tensor)"
+        )
     m.set_input_tensor(inp)
 
 
@@ -367,13 +392,18 @@ class PreconditionedOperator:
         eps: Adam's epsilon.
     """
 
-    def __init__(self, op: HessianOperator, second_moments: Sequence[torch.Tensor], eps: float = 1e-8) -> None:
+    def __init__(
+        self, op: HessianOperator, second_moments: Sequence[torch.Tensor], eps: float = 1e-8
+    ) -> None:
         if len(second_moments) != len(op.params):
-            raise ValueError(f"second_moments has {len(second_moments)} tensors, operator has {len(op.params)}")
+            raise ValueError(
+                f"second_moments has {len(second_moments)} tensors, operator has {len(op.params)}"
+            )
         self.op = op
         self.backend = op.backend
-        self.scale = [(torch.sqrt(v.detach().to(op.backend.dtype).clamp_min(0)) + eps).rsqrt()
-                      for v in second_moments]
+        self.scale = [
+            (torch.sqrt(v.detach().to(op.backend.dtype).clamp_min(0)) + eps).rsqrt() for v in second_moments
+        ]
         self.n_matvec = 0
 
     @classmethod
@@ -386,16 +416,20 @@ class PreconditionedOperator:
             if group is None:
                 raise ValueError("a parameter of the operator is not in the optimizer's param_groups")
             if "betas" not in group:
-                raise ValueError(f"optimizer {type(optimizer).__name__} has no 'betas': only Adam-type "
-                                 "optimizers have the second moment needed for preconditioning")
+                raise ValueError(
+                    f"optimizer {type(optimizer).__name__} has no 'betas': only Adam-type "
+                    "optimizers have the second moment needed for preconditioning"
+                )
             eps = group.get("eps", 1e-8)
             st = optimizer.state.get(p, {})
             if "exp_avg_sq" not in st:
-                raise ValueError("optimizer has no exp_avg_sq for a parameter yet: take at least one "
-                                 "optimizer step before measuring the preconditioned spectrum")
+                raise ValueError(
+                    "optimizer has no exp_avg_sq for a parameter yet: take at least one "
+                    "optimizer step before measuring the preconditioned spectrum"
+                )
             step = float(st["step"])
             beta2 = group["betas"][1]
-            vs.append(st["exp_avg_sq"] / (1 - beta2 ** step))
+            vs.append(st["exp_avg_sq"] / (1 - beta2**step))
         return cls(op, vs, eps=float(eps if eps is not None else 1e-8))
 
     def matvec(self, v: Vector) -> Vector:

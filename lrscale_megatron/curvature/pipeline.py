@@ -35,8 +35,14 @@ StageFn = Callable[[Any, "torch.Tensor | None"], torch.Tensor]
 
 
 def _grads(outputs, inputs, grad_outputs=None, create_graph=False, retain_graph=None):
-    gs = torch.autograd.grad(outputs, inputs, grad_outputs=grad_outputs, create_graph=create_graph,
-                             retain_graph=retain_graph, allow_unused=True)
+    gs = torch.autograd.grad(
+        outputs,
+        inputs,
+        grad_outputs=grad_outputs,
+        create_graph=create_graph,
+        retain_graph=retain_graph,
+        allow_unused=True,
+    )
     return [torch.zeros_like(x) if g is None else g for g, x in zip(gs, inputs)]
 
 
@@ -49,8 +55,9 @@ def _inner(xs: Sequence[torch.Tensor], ys: Sequence[torch.Tensor]) -> torch.Tens
     return total
 
 
-def pipeline_loss_and_grad(ctx: ParallelContext, stage_fn: StageFn, batch: Any,
-                           params: list[torch.Tensor]) -> tuple[float, list[torch.Tensor]]:
+def pipeline_loss_and_grad(
+    ctx: ParallelContext, stage_fn: StageFn, batch: Any, params: list[torch.Tensor]
+) -> tuple[float, list[torch.Tensor]]:
     """First-order pass through all stages for one micro-batch: (loss on the last stage, this stage's grads)."""
     a = None
     if not ctx.is_first_stage:
@@ -71,8 +78,9 @@ def pipeline_loss_and_grad(ctx: ParallelContext, stage_fn: StageFn, batch: Any,
     return loss, [g.detach() for g in gs[: len(params)]]
 
 
-def pipeline_hvp(ctx: ParallelContext, stage_fn: StageFn, batch: Any, params: list[torch.Tensor],
-                 v: Sequence[torch.Tensor]) -> tuple[float, list[torch.Tensor]]:
+def pipeline_hvp(
+    ctx: ParallelContext, stage_fn: StageFn, batch: Any, params: list[torch.Tensor], v: Sequence[torch.Tensor]
+) -> tuple[float, list[torch.Tensor]]:
     """Exact (H v) restricted to this stage's ``params`` for one micro-batch; see the module docstring."""
     # 1. forward
     a = None

@@ -37,7 +37,7 @@ def schedule_grad_fn(
     n = len(microbatches)
 
     def loss_func(out: torch.Tensor):
-        return out, {"loss": out.detach()}
+        return out, {"loss": out.detach().clone()}  # megatron scales `out` in place afterwards
 
     def forward_step(data_iterator, m):
         batch = next(data_iterator)

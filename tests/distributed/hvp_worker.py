@@ -33,23 +33,36 @@ gb = 8
 full = byte_batch(gb, preset.seq_length, seed=0)
 per = gb // ctx.dp_size
 mbs = per // a.micro_batches
-rows = {k: v[ctx.dp_rank * per:(ctx.dp_rank + 1) * per] for k, v in full.items()}
-micro = [{k: v[i * mbs:(i + 1) * mbs] for k, v in rows.items()} for i in range(a.micro_batches)]
+rows = {k: v[ctx.dp_rank * per : (ctx.dp_rank + 1) * per] for k, v in full.items()}
+micro = [{k: v[i * mbs : (i + 1) * mbs] for k, v in rows.items()} for i in range(a.micro_batches)]
 
 op = HessianOperator(model, gpt_loss_fn, micro, mode="exact", parallel=ctx, megatron_tp_patch=not a.no_patch)
 v = op.backend.randn(123)
 hv = op.matvec(v)
 vhv = op.backend.dot(v, hv)
 res = lanczos(op, k=1, max_iter=25, tol=1e-10, seed=0)
-out = {"lambda_max": res.eigenvalues[0], "converged": res.converged, "vHv": vhv,
-       "loss": ctx.reduce_loss(op.last_loss), "ctx": (ctx.tp_rank, ctx.pp_rank, ctx.dp_rank), "shards": {}}
+out = {
+    "lambda_max": res.eigenvalues[0],
+    "converged": res.converged,
+    "vHv": vhv,
+    "loss": ctx.reduce_loss(op.last_loss),
+    "ctx": (ctx.tp_rank, ctx.pp_rank, ctx.dp_rank),
+    "shards": {},
+}
 fd = HessianOperator(model, gpt_loss_fn, micro, mode="fd", fd_scheme="central", parallel=ctx).matvec(v)
 grad_fn = schedule_grad_fn(model, gpt_loss_fn, micro, seq_length=preset.seq_length, micro_batch_size=mbs)
-sched = HessianOperator(model, gpt_loss_fn, micro, mode="fd", fd_scheme="central", parallel=ctx,
-                        grad_fn=grad_fn).matvec(v)
+sched = HessianOperator(
+    model, gpt_loss_fn, micro, mode="fd", fd_scheme="central", parallel=ctx, grad_fn=grad_fn
+).matvec(v)
 for spec, h, f, s in zip(op.backend.specs, hv, fd, sched):
-    out["shards"][spec.name] = {"exact": h, "fd": f, "sched": s, "partition_dim": spec.partition_dim,
-                                "tp_rank": spec.tp_rank, "tp_size": spec.tp_size}
+    out["shards"][spec.name] = {
+        "exact": h,
+        "fd": f,
+        "sched": s,
+        "partition_dim": spec.partition_dim,
+        "tp_rank": spec.tp_rank,
+        "tp_size": spec.tp_size,
+    }
 import torch.distributed as dist  # noqa: E402
 
 torch.save(out, os.path.join(a.out, f"rank{dist.get_rank()}.pt"))

@@ -37,7 +37,7 @@ def assemble(ranks: list[dict], key: str) -> dict[str, torch.Tensor]:
 
 
 def max_rel_err(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
-    assert a.keys() == b.keys(), (sorted(a) , sorted(b))
+    assert a.keys() == b.keys(), (sorted(a), sorted(b))
     return max(float((a[n] - b[n]).norm() / b[n].norm().clamp_min(1e-300)) for n in b)
 
 
@@ -53,8 +53,9 @@ def test_reference_exact_matches_finite_differences(reference):
     assert r["lambda_max"] > 0  # Lanczos iterates are compared across layouts, converged or not
 
 
-@pytest.mark.parametrize("nproc,tp,pp", [(2, 2, 1), (2, 1, 2), (4, 2, 2), (2, 1, 1)],
-                         ids=["tp2", "pp2", "tp2xpp2", "dp2"])
+@pytest.mark.parametrize(
+    "nproc,tp,pp", [(2, 2, 1), (2, 1, 2), (4, 2, 2), (2, 1, 1)], ids=["tp2", "pp2", "tp2xpp2", "dp2"]
+)
 def test_layout_matches_single_process(tmp_path_factory, reference, nproc, tp, pp):
     ranks = run_layout(tmp_path_factory, nproc, tp, pp)
     ref = reference[0]

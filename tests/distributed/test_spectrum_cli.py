@@ -10,15 +10,34 @@ import sys
 
 from tests.distributed._launch import torchrun
 
-ARGS = ["spectrum", "--preset", "tiny", "--dtype", "float64", "--seed", "0", "--top-k", "2", "--max-iter", "12",
-        "--trace-samples", "3", "--per-layer"]
+ARGS = [
+    "spectrum",
+    "--preset",
+    "tiny",
+    "--dtype",
+    "float64",
+    "--seed",
+    "0",
+    "--top-k",
+    "2",
+    "--max-iter",
+    "12",
+    "--trace-samples",
+    "3",
+    "--per-layer",
+]
 
 
 def test_tp2_pp2_spectrum_equals_single_process(tmp_path):
     one, four = tmp_path / "one.json", tmp_path / "four.json"
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    subprocess.run([sys.executable, "-m", "lrscale_megatron.cli", *ARGS, "--json", str(one)], check=True,
-                   capture_output=True, env=env, timeout=600)
+    subprocess.run(
+        [sys.executable, "-m", "lrscale_megatron.cli", *ARGS, "--json", str(one)],
+        check=True,
+        capture_output=True,
+        env=env,
+        timeout=600,
+    )
     torchrun(4, "-m", "lrscale_megatron.cli", *ARGS, "--tp", "2", "--pp", "2", "--json", str(four))
     a, b = json.loads(one.read_text()), json.loads(four.read_text())
     assert b["config"]["tp"] == 2 and b["config"]["pp"] == 2

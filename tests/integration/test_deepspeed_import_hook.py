@@ -22,8 +22,13 @@ print("ok")
 
 
 def _run(code: str) -> str:
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
-                         env={"DS_ACCELERATOR": "cpu", "PYTHONWARNINGS": "ignore", "PATH": "/usr/bin:/bin"})
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={"DS_ACCELERATOR": "cpu", "PYTHONWARNINGS": "ignore", "PATH": "/usr/bin:/bin"},
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     return out.stdout
 

@@ -60,7 +60,9 @@ def mlp_problem(seed=0):
 
 
 def gpt_problem(seed=0, **kw):
-    cfg = TorchGPTConfig(**{"vocab_size": 16, "seq_length": 6, "hidden_size": 8, "num_layers": 2, "num_heads": 2, **kw})
+    cfg = TorchGPTConfig(
+        **{"vocab_size": 16, "seq_length": 6, "hidden_size": 8, "num_layers": 2, "num_heads": 2, **kw}
+    )
     model = TorchGPT(cfg).double()
     model.init_weights(seed)
     with torch.no_grad():  # move away from the symmetric init so the spectrum is generic
@@ -104,8 +106,12 @@ def test_hvp_modes_match_dense_product(gpt_dense):
     model, loss_fn, batch, H = gpt_dense
     v = torch.randn(H.shape[0], dtype=torch.float64, generator=torch.Generator().manual_seed(3))
     want = H @ v.numpy()
-    for mode, scheme, tol in [("exact", "forward", 1e-10), ("jvp", "forward", 1e-10),
-                              ("fd", "central", 1e-6), ("fd", "forward", 1e-4)]:
+    for mode, scheme, tol in [
+        ("exact", "forward", 1e-10),
+        ("jvp", "forward", 1e-10),
+        ("fd", "central", 1e-6),
+        ("fd", "forward", 1e-4),
+    ]:
         op = HessianOperator(model, loss_fn, batch, mode=mode, fd_scheme=scheme)
         parts = list(torch.split(v, [p.numel() for p in op.params]))
         vv = [t.view_as(p) for t, p in zip(parts, op.params)]
@@ -215,7 +221,7 @@ def test_adam_preconditioned_operator_matches_dense(gpt_dense):
         opt.step()
     op = HessianOperator(model, loss_fn, batch)
     pre = PreconditionedOperator.from_optimizer(op, opt)
-    vhat = torch.cat([(opt.state[p]["exp_avg_sq"] / (1 - 0.999 ** 3)).reshape(-1) for p in op.params]).numpy()
+    vhat = torch.cat([(opt.state[p]["exp_avg_sq"] / (1 - 0.999**3)).reshape(-1) for p in op.params]).numpy()
     d = 1.0 / np.sqrt(np.sqrt(vhat) + 1e-8)
     want = np.linalg.eigvalsh(d[:, None] * H * d[None, :])[-1]
     res = lanczos(pre, k=1, max_iter=150, tol=1e-9, seed=0)
