@@ -1,6 +1,6 @@
 """Leave-one-(N, D)-out regret of LR laws on the Step Law CSV.
 
-    python benchmarks/law_steplaw_cv.py [--csv /work/shared/data/steplaw/dense_lr_bs_loss.subset.csv]
+    python benchmarks/law_steplaw_cv.py [--csv ../shared/data/steplaw/dense_lr_bs_loss.subset.csv]
 
 For each of the 15 (N, D) groups: fit on the optima of the other 14, predict the LR of each held-out
 (N, D, batch) sweep, snap it to the nearest grid LR and report the relative excess of its smoothed
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+from pathlib import Path
 
 from lrscale_megatron.law.data import load_steplaw_csv
 from lrscale_megatron.law.evaluate import RegretSummary, evaluate_fn, law_lr_fn, leave_one_nd_out
@@ -24,7 +25,7 @@ PREDICTOR_SETS = (("params", "tokens"), ("params", "tokens", "batch"))
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--csv", default="/work/shared/data/steplaw/dense_lr_bs_loss.subset.csv")
+    ap.add_argument("--csv", default=str(Path(__file__).resolve().parents[2] / "shared/data/steplaw/dense_lr_bs_loss.subset.csv"))
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     curves = group_curves(load_steplaw_csv(args.csv))

@@ -75,6 +75,9 @@ def add_subcommands(subparsers: argparse._SubParsersAction) -> None:
         "--law", default=DEFAULT_LAW, help=f"shipped law name or law file path (default {DEFAULT_LAW})"
     )
     p.add_argument("--json", action="store_true", help="print one JSON document")
+    p.add_argument("--decay-style", default="cosine", help="decay_style of the written scheduler block")
+    p.add_argument("--warmup-fraction", type=float, default=0.01, help="warmup steps / total steps (block)")
+    p.add_argument("--min-lr-ratio", type=float, default=0.1, help="min_lr / peak_lr (block)")
     p.set_defaults(func=run_predict)
 
 
@@ -153,6 +156,26 @@ def run_fit(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
     return 0
 
 
+def _scheduler_params(args: argparse.Namespace, pred) -> dict:
+    """The rest of a ready-to-use LRScale block: total steps = tokens / batch tokens (the given batch,
+    else the law's suggestion), linear warmup over ``--warmup-fraction`` of them, decay to
+    ``--min-lr-ratio`` x peak; validated by the scheduler's own config parser."""
+    from lrscale_megatron.scheduler import LRScaleConfig
+
+    batch = args.batch_tokens if args.batch_tokens is not None else pred.batch_tokens
+    if batch is None or batch <= 0:
+        return {}
+    total = max(2, round(args.tokens / batch))
+    params = {
+        "min_lr": pred.peak_lr * args.min_lr_ratio,
+        "warmup_steps": max(1, min(total - 1, round(args.warmup_fraction * total))),
+        "total_steps": total,
+        "decay_style": args.decay_style,
+    }
+    LRScaleConfig.from_dict({"peak_lr": pred.peak_lr, **params}, where="deepspeed_scheduler.params")
+    return params
+
+
 def run_predict(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
     """Handler of ``lrscale predict``."""
     try:
@@ -168,7 +191,11 @@ def run_predict(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
     except (LawFileError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    doc = prediction_to_json(pred)
+    try:
+        doc = prediction_to_json(pred, **_scheduler_params(args, pred))
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     if args.json:
         print(json.dumps(doc), file=out)
         return 0

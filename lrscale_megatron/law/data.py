@@ -1,7 +1,7 @@
 """Run tables: one row per training run (shape, tokens, batch, peak LR, final loss).
 
 Two sources: the Step Law release CSV (Li et al. 2025, arXiv 2503.04715, columns documented in
-``/work/shared/data/steplaw/README.md``) and the project's own sweep store
+``shared/data/steplaw/README.md`` beside the checkout) and the project's own sweep store
 (:mod:`lrscale_megatron.sweep.store`). Both give the same :class:`RunTable`.
 
 Units: ``params`` = non-embedding parameters, ``tokens`` = training tokens, ``batch_tokens`` =

@@ -117,7 +117,7 @@ def predict(
 def deepspeed_scheduler_block(prediction: Prediction | float, **params: Any) -> dict[str, Any]:
     """A DeepSpeed ``"scheduler"`` section for the LRScale scheduler.
 
-    ``params`` are passed through (e.g. ``warmup_num_steps``, ``total_num_steps``, ``min_lr``; steps are
+    ``params`` are passed through (e.g. ``warmup_steps``, ``total_steps``, ``min_lr``; steps are
     optimizer iterations), ``peak_lr`` is always the prediction.
     """
     peak = prediction.peak_lr if isinstance(prediction, Prediction) else float(prediction)

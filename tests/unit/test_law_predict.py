@@ -6,7 +6,6 @@ import argparse
 import io
 import json
 import shutil
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,9 +14,9 @@ from lrscale_megatron.law.cli import add_subcommands
 from lrscale_megatron.law.data import DataError, load_steplaw_csv
 from lrscale_megatron.law.lawfile import LawFileError, law_from_dict, load_law, shipped_law_names
 from lrscale_megatron.law.predict import deepspeed_scheduler_block, predict
+from tests.conftest import steplaw_csv
 
-CSV = Path("/work/shared/data/steplaw/dense_lr_bs_loss.subset.csv")
-needs_csv = pytest.mark.skipif(not CSV.is_file(), reason="Step Law CSV not present")
+CSV = steplaw_csv()
 
 
 def _cli(argv: list[str]) -> tuple[int, str]:
@@ -95,7 +94,6 @@ def test_missing_csv_column_named(tmp_path):
         load_steplaw_csv(f)
 
 
-@needs_csv
 def test_cli_fit_then_predict_roundtrip(tmp_path):
     small = tmp_path / "steplaw.csv"
     shutil.copy(CSV, small)
@@ -136,7 +134,6 @@ def test_cli_fit_then_predict_roundtrip(tmp_path):
     assert np.isfinite(doc["peak_lr"])
 
 
-@needs_csv
 def test_cli_refuses_width_depth_on_steplaw(capsys):
     rc, _ = _cli(
         [
@@ -158,3 +155,14 @@ def test_cli_refuses_width_depth_on_steplaw(capsys):
 def test_cli_unknown_law(capsys):
     rc, _ = _cli(["predict", "--params", "1e9", "--tokens", "1e10", "--law", "no-such-law"])
     assert rc == 2 and "unknown law name 'no-such-law'" in capsys.readouterr().err
+
+
+def test_cli_predict_writes_a_ready_scheduler_block():
+    from lrscale_megatron.scheduler import LRScaleConfig
+
+    rc, text = _cli(["predict", "--params", "3e8", "--tokens", "2e10", "--batch-tokens", "1e6", "--json"])
+    block = json.loads(text)["deepspeed_scheduler"]
+    assert rc == 0 and block["type"] == "LRScale"
+    assert block["params"]["total_steps"] == 20000 and block["params"]["warmup_steps"] == 200
+    cfg = LRScaleConfig.from_dict(block["params"], where="scheduler.params")  # accepted as is
+    assert cfg.peak_lr == block["params"]["peak_lr"]

@@ -3,20 +3,16 @@ benchmarks/law_steplaw_cv.py; this test only checks the machinery and that we be
 
 from __future__ import annotations
 
-from pathlib import Path
-
-import pytest
-
 from lrscale_megatron.law.data import load_steplaw_csv
 from lrscale_megatron.law.evaluate import RegretSummary, evaluate_fn, law_lr_fn, leave_one_nd_out
 from lrscale_megatron.law.fit import FitConfig
 from lrscale_megatron.law.lawfile import load_law
 from lrscale_megatron.law.optimum import group_curves
+from tests.conftest import steplaw_csv
 
-CSV = Path("/work/shared/data/steplaw/dense_lr_bs_loss.subset.csv")
+CSV = steplaw_csv()
 
 
-@pytest.mark.skipif(not CSV.is_file(), reason="Step Law CSV not present")
 def test_logo_regret_beats_published_steplaw():
     curves = group_curves(load_steplaw_csv(CSV))
     ours = RegretSummary.of(
