@@ -97,36 +97,55 @@ def transformer_config(preset: GPTPreset, ctx: ParallelContext, dtype: torch.dty
     )
 
 
-def build_gpt(preset: GPTPreset, ctx: ParallelContext, dtype: torch.dtype = torch.float32, seed: int = 0):
-    """This rank's part of a megatron-core GPTModel for ``preset`` (parallel_state must be initialised)."""
+def build_gpt(
+    preset: GPTPreset,
+    ctx: ParallelContext,
+    dtype: torch.dtype = torch.float32,
+    seed: int = 0,
+    *,
+    layer_spec: Any = None,
+    init: str = "global_name",
+    **config_overrides: Any,
+):
+    """This rank's part of a megatron-core GPTModel for ``preset`` (parallel_state must be initialised).
+
+    ``layer_spec`` is a spec factory (default megatron's local spec; pass
+    ``get_gpt_layer_with_transformer_engine_spec`` on GPU), ``config_overrides`` replace fields of
+    :func:`transformer_config`, and ``init="global_name"`` re-initialises every parameter by global name
+    (any layout starts from the same weights) while ``init="megatron"`` keeps megatron's own init.
+    The model is returned on the CPU unless megatron built it on the device.
+    """
     import contextlib
+    import dataclasses
 
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
+    if init not in ("global_name", "megatron"):
+        raise ValueError(f"init={init!r} must be 'global_name' or 'megatron'")
+    tcfg = transformer_config(preset, ctx, dtype)
+    if config_overrides:
+        tcfg = dataclasses.replace(tcfg, **config_overrides)
     cpu: contextlib.AbstractContextManager = contextlib.nullcontext()
     if not torch.cuda.is_available():  # tied-embedding setup under PP calls .cuda()
         from lrscale_megatron.integrations.megatron_cpu import CudaToCpuMode
 
         cpu = CudaToCpuMode()
     with cpu:
-        model = _gpt_model(preset, ctx, dtype, GPTModel, get_gpt_layer_local_spec)
+        model = GPTModel(
+            config=tcfg,
+            transformer_layer_spec=(layer_spec or get_gpt_layer_local_spec)(),
+            vocab_size=preset.vocab_size,
+            max_sequence_length=preset.seq_length,
+            pre_process=ctx.is_first_stage,
+            post_process=ctx.is_last_stage,
+            share_embeddings_and_output_weights=preset.tie_embeddings,
+            parallel_output=True,
+        )
     model.to(dtype)  # megatron's WrappedTorchNorm ignores params_dtype
-    init_by_global_name(model, ctx, preset.num_layers, seed)
+    if init == "global_name":
+        init_by_global_name(model, ctx, preset.num_layers, seed)
     return model
-
-
-def _gpt_model(preset, ctx, dtype, GPTModel, spec_fn):  # noqa: N803
-    return GPTModel(
-        config=transformer_config(preset, ctx, dtype),
-        transformer_layer_spec=spec_fn(),
-        vocab_size=preset.vocab_size,
-        max_sequence_length=preset.seq_length,
-        pre_process=ctx.is_first_stage,
-        post_process=ctx.is_last_stage,
-        share_embeddings_and_output_weights=preset.tie_embeddings,
-        parallel_output=True,
-    )
 
 
 def init_by_global_name(model: torch.nn.Module, ctx: ParallelContext, num_layers: int, seed: int) -> None:

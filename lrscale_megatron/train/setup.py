@@ -16,7 +16,6 @@ The DeepSpeed engine owns the optimizer, the ZeRO stage and the LR scheduler in 
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import dataclasses
 import logging
@@ -52,16 +51,19 @@ def preset_of(cfg: TrainConfig):
 
 def build_model(cfg: TrainConfig, ctx: ParallelContext) -> torch.nn.Module:
     """This rank's TP/PP part of the megatron-core GPTModel (parallel_state must be initialised)."""
-    from lrscale_megatron.models.gpt import build_gpt, init_by_global_name
+    from lrscale_megatron.models.gpt import build_gpt
 
     preset, dtype, seed = preset_of(cfg), cfg.training.dtype_torch, cfg.training.seed
     torch.manual_seed(seed)
-    if resolve_impl(cfg.model.transformer_impl) == "local" and cfg.model.init == "global_name":
-        return build_gpt(preset, ctx, dtype=dtype, seed=seed)
-    model = _build_custom(cfg, preset, ctx, dtype)
-    if cfg.model.init == "global_name":
-        init_by_global_name(model, ctx, preset.num_layers, seed)
-    return model
+    on_gpu = torch.cuda.is_available()
+    spec = None
+    if resolve_impl(cfg.model.transformer_impl) == "transformer_engine":
+        spec = _transformer_engine_spec()
+    overrides: dict[str, Any] = {}
+    if on_gpu:  # megatron's own on-device init path; bf16 compute
+        overrides = {"use_cpu_initialization": False, "bf16": dtype == torch.bfloat16}
+    model = build_gpt(preset, ctx, dtype=dtype, seed=seed, layer_spec=spec, init=cfg.model.init, **overrides)
+    return model.cuda() if on_gpu else model
 
 
 def resolve_impl(impl: str) -> str:
@@ -75,54 +77,22 @@ def resolve_impl(impl: str) -> str:
     return "transformer_engine" if importlib.util.find_spec("transformer_engine") is not None else "local"
 
 
-def _build_custom(cfg: TrainConfig, preset: Any, ctx: ParallelContext, dtype: torch.dtype) -> torch.nn.Module:
-    """Transformer Engine spec and/or megatron's own on-device init (GPU path; not exercised on CPU)."""
-    from megatron.core.models.gpt import GPTModel
+def _transformer_engine_spec() -> Any:
+    """megatron's Transformer Engine layer spec (GPU path; not exercised on CPU)."""
+    if not torch.cuda.is_available():
+        raise ConfigError("model.transformer_impl", "transformer_engine", "needs CUDA", "use 'local' on CPU")
+    try:
+        import transformer_engine  # noqa: F401
+    except ImportError:
+        raise ConfigError(
+            "model.transformer_impl",
+            "transformer_engine",
+            "transformer_engine is not importable",
+            "install Transformer Engine or use 'local'",
+        ) from None
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
 
-    from lrscale_megatron.models.gpt import transformer_config
-
-    if resolve_impl(cfg.model.transformer_impl) == "transformer_engine":
-        if not torch.cuda.is_available():
-            raise ConfigError(
-                "model.transformer_impl", "transformer_engine", "needs CUDA", "use 'local' on CPU"
-            )
-        try:
-            import transformer_engine  # noqa: F401
-        except ImportError:
-            raise ConfigError(
-                "model.transformer_impl",
-                "transformer_engine",
-                "transformer_engine is not importable",
-                "install Transformer Engine or use 'local'",
-            ) from None
-        from megatron.core.models.gpt.gpt_layer_specs import (
-            get_gpt_layer_with_transformer_engine_spec as spec,
-        )
-    else:
-        from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec as spec
-    on_gpu = torch.cuda.is_available()
-    tcfg = dataclasses.replace(
-        transformer_config(preset, ctx, dtype),
-        use_cpu_initialization=not on_gpu,
-        bf16=dtype == torch.bfloat16,
-    )
-    cpu: contextlib.AbstractContextManager = contextlib.nullcontext()
-    if not on_gpu:
-        from lrscale_megatron.integrations.megatron_cpu import CudaToCpuMode
-
-        cpu = CudaToCpuMode()
-    with cpu:
-        model = GPTModel(
-            config=tcfg,
-            transformer_layer_spec=spec(),
-            vocab_size=preset.vocab_size,
-            max_sequence_length=preset.seq_length,
-            pre_process=ctx.is_first_stage,
-            post_process=ctx.is_last_stage,
-            share_embeddings_and_output_weights=preset.tie_embeddings,
-            parallel_output=True,
-        )
-    return model.cuda() if on_gpu else model.to(dtype)
+    return get_gpt_layer_with_transformer_engine_spec
 
 
 def param_groups(model: torch.nn.Module) -> list[dict[str, Any]]:
