@@ -30,10 +30,11 @@ import logging
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lrscale_megatron.adapter import (
     AdapterState,
+    Decision,
     Estimate,
     Estimator,
     OnlineConfig,
@@ -42,6 +43,9 @@ from lrscale_megatron.adapter import (
     measure_lambda_max,
 )
 from lrscale_megatron.schedule import DECAY_STYLES, WSD_DECAY_SHAPES, lr_at
+
+if TYPE_CHECKING:
+    from lrscale_megatron.monitor import LRScaleMonitor
 
 logger = logging.getLogger(__name__)
 
@@ -485,6 +489,8 @@ class LRScaleCore:
         self.history: list[dict[str, Any]] = []
         self._estimator: Estimator | None = None
         self._group_params: Sequence[Sequence[Any]] | None = None
+        #: where each measurement is reported (:class:`~lrscale_megatron.monitor.LRScaleMonitor`); not state.
+        self.monitor: LRScaleMonitor | None = None
 
     # -- peaks and LRs
     def peak(self, group: int) -> float:
@@ -549,28 +555,26 @@ class LRScaleCore:
                 "before training, or set online.enabled=false."
             )
         on = self.config.online
+        measured: list[tuple[Decision, Estimate]] = []  # per measured group
         if not on.per_group:
-            decisions = [
-                adapt(
-                    self.states[0],
-                    self._estimator(None),
-                    offline_peak=self.offline_peak,
-                    cfg=on,
-                    step=self.num_steps,
-                    group=None,
-                )
-            ]
+            est = self._estimator(None)
+            d = adapt(
+                self.states[0], est, offline_peak=self.offline_peak, cfg=on, step=self.num_steps, group=None
+            )
+            measured.append((d, est))
         else:
             if self._group_params is None:
                 raise RuntimeError(
                     "LRScale per-group mode needs the parameters of each group: "
                     "attach_curvature(..., param_groups=[[...], ...])"
                 )
-            decisions = [
-                adapt(st, self._estimator(ps), offline_peak=ref, cfg=on, step=self.num_steps, group=g)
-                for g, (st, ps, ref) in enumerate(zip(self.states, self._group_params, self.reference_peaks))
-            ]
-        self.history.extend(d.to_dict() for d in decisions)
+            for g, (st, ps, ref) in enumerate(zip(self.states, self._group_params, self.reference_peaks)):
+                est = self._estimator(ps)
+                measured.append((adapt(st, est, offline_peak=ref, cfg=on, step=self.num_steps, group=g), est))
+        self.history.extend(d.to_dict() for d, _ in measured)
+        if self.monitor is not None:
+            for d, est in measured:
+                self.monitor.log_measurement(d, est)
 
     # -- checkpointing
     def state_dict(self) -> dict[str, Any]:
@@ -640,20 +644,32 @@ class LRScaleScheduler:
     construction (step 0) and after every ``step()``.
     """
 
-    def __init__(self, optimizer: Any, config: LRScaleConfig, *, offline_peak: float | None = None) -> None:
+    def __init__(
+        self,
+        optimizer: Any,
+        config: LRScaleConfig,
+        *,
+        offline_peak: float | None = None,
+        monitor: LRScaleMonitor | None = None,
+    ) -> None:
         if not hasattr(optimizer, "param_groups"):
             raise TypeError(f"{type(optimizer).__name__} has no param_groups; pass a torch optimizer")
         self.optimizer = optimizer
         self.config = config
         self.core = LRScaleCore(config, _group_ratios(optimizer), offline_peak=offline_peak)
         self._apply()
+        if monitor is not None:
+            self.attach_monitor(monitor)
 
     # -- torch / DeepSpeed scheduler API
     def step(self, last_batch_iteration: int | None = None) -> None:
         """Advance one iteration; or, DeepSpeed-style, to just after iteration ``last_batch_iteration``."""
         target = self.core.num_steps + 1 if last_batch_iteration is None else int(last_batch_iteration) + 1
+        used = self.get_last_lr() if self.core.monitor is not None else None
         self.core.advance(target - self.core.num_steps)
         self._apply()
+        if used is not None and self.core.monitor is not None:
+            self.core.monitor.log_step(target - 1, used)
 
     def get_lr(self) -> list[float]:
         """Current LR of each param group."""
@@ -734,6 +750,18 @@ class LRScaleScheduler:
         if param_groups is None and self.config.online.per_group:
             param_groups = [list(g["params"]) for g in self.optimizer.param_groups]
         self.core.set_estimator(estimator, param_groups)
+
+    # -- monitoring
+    def attach_monitor(self, monitor: LRScaleMonitor | None) -> None:
+        """Report each iteration's LRs and each measurement to ``monitor`` (``None`` detaches).
+
+        Not part of ``state_dict``: attach again after a restore.
+        """
+        self.core.monitor = monitor
+
+    @property
+    def monitor(self) -> LRScaleMonitor | None:
+        return self.core.monitor
 
     def _apply(self) -> None:
         for g, group in enumerate(self.optimizer.param_groups):
