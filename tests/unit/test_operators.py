@@ -304,3 +304,19 @@ def test_resolve_context_single_process_without_distributed():
     assert (ctx.tp_size, ctx.pp_size, ctx.dp_size, ctx.world_size) == (1, 1, 1, 1)
     with pytest.raises(ValueError, match=r"tp\(2\) \* pp\(1\) \* dp\(1\) = 2 != world_size\(1\)"):
         ParallelContext(tp_size=2)
+
+
+def test_forward_fd_base_gradient_follows_parameter_updates(gpt_dense):
+    model, loss_fn, batch, _ = gpt_dense
+    model = __import__("copy").deepcopy(model)
+    op = HessianOperator(model, loss_fn, batch, mode="fd", fd_scheme="forward")
+    v = op.backend.randn(0)
+    op.matvec(v)
+    op.matvec(v)
+    assert op.n_grad == 3  # the cache survives the operator's own (exactly undone) perturbations
+    with torch.no_grad():
+        next(model.parameters()).add_(0.1)  # an optimizer step
+    hv = op.matvec(v)
+    assert op.n_grad == 5  # base gradient recomputed at the new parameters
+    ref = HessianOperator(model, loss_fn, batch, mode="exact").matvec(v)
+    assert max(float((a - b).norm() / b.norm()) for a, b in zip(hv, ref)) < 1e-5
