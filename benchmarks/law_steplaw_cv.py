@@ -25,7 +25,10 @@ PREDICTOR_SETS = (("params", "tokens"), ("params", "tokens", "batch"))
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--csv", default=str(Path(__file__).resolve().parents[2] / "shared/data/steplaw/dense_lr_bs_loss.subset.csv"))
+    ap.add_argument(
+        "--csv",
+        default=str(Path(__file__).resolve().parents[2] / "shared/data/steplaw/dense_lr_bs_loss.subset.csv"),
+    )
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     curves = group_curves(load_steplaw_csv(args.csv))

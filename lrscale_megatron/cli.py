@@ -4,6 +4,8 @@
     lrscale fit --steplaw-csv PATH --out LAW.json           # fit a learning-rate law
     lrscale predict --params 1.3e9 --tokens 1e11 --batch-tokens 4e6 --json
     lrscale prepare-data --corpus shakespeare --vocab-size 8192 --out data/   # IndexedDataset .bin/.idx
+    lrscale sweep configs/sweep/cpu-sweep.json                # LR sweep into a crash-safe SQLite store
+    lrscale plot LOGDIR                                       # PNGs of LR, lambda_max and loss
 
 Run under torchrun as ``python -m lrscale_megatron.cli ...``.
 """
@@ -30,6 +32,12 @@ def build_parser() -> argparse.ArgumentParser:
     from lrscale_megatron.law import cli as law_cli
 
     law_cli.add_subcommands(sub)
+
+    from lrscale_megatron import plot
+    from lrscale_megatron.sweep import cli as sweep_cli
+
+    sweep_cli.add_subcommand(sub)
+    plot.add_subcommand(sub)
     sub.add_parser("prepare-data", help="tokenize a shipped corpus into Megatron .bin/.idx (see --help)")
     return p
 

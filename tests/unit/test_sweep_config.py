@@ -1,0 +1,62 @@
+"""Sweep configs: the shipped ones parse, sweep points map to valid pretraining configs, bad values name the fix."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from lrscale_megatron.sweep.cli import SweepConfigError, load_sweep_config, parse_sweep_config
+from lrscale_megatron.sweep.megatron import GPTSweepSettings, train_config_dict
+from lrscale_megatron.train.config import config_from_dict
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.parametrize("name", ["cpu-sweep", "ci-tiny"])
+def test_shipped_sweep_configs_map_to_valid_train_configs(name):
+    sc = load_sweep_config(ROOT / "configs" / "sweep" / f"{name}.json")
+    points = sc.grid.expand()
+    assert len({json.dumps(p, sort_keys=True) for p in points}) == len(points)
+    for p in points:
+        raw, base = train_config_dict(p, sc.settings)
+        cfg = config_from_dict(raw, base_dir=base)
+        t, m = cfg.training, cfg.model
+        assert (m.hidden_size, m.num_layers, m.seq_length) == (p["width"], p["depth"], p["seq_len"])
+        assert t.global_batch_size * m.seq_length == p["batch_tokens"]
+        assert t.steps * p["batch_tokens"] == p["tokens"] and t.lr == p["lr"]
+        assert cfg.data.tokenizer == "byte" and cfg.checkpoint.dir is None
+
+
+def test_cpu_sweep_covers_the_required_design():
+    g = load_sweep_config(ROOT / "configs" / "sweep" / "cpu-sweep.json").grid
+    assert len(g.widths) >= 3 and len(g.depths) >= 2 and len(g.token_budgets) >= 2
+    assert len(g.batch_tokens) >= 2 and g.n_lr >= 6
+
+
+def test_bad_values_name_the_fix(tmp_path):
+    base = str(ROOT / "configs" / "gpt" / "cpu-tiny.json")
+    grid = {
+        "widths": [32],
+        "depths": [1],
+        "token_budgets": [4096],
+        "batch_tokens": [256],
+        "lr_min": 1e-3,
+        "lr_max": 1e-2,
+        "n_lr": 2,
+        "seq_len": 32,
+    }
+    with pytest.raises(SweepConfigError, match="unknown key"):
+        parse_sweep_config({"store": "s", "base_config": base, "grid": grid, "bogus": 1}, tmp_path)
+    with pytest.raises(SweepConfigError, match="train has unknown"):
+        parse_sweep_config({"store": "s", "base_config": base, "grid": grid, "train": {"x": 1}}, tmp_path)
+    s = GPTSweepSettings(base_config=base, head_dim=16)
+    with pytest.raises(ValueError, match="head_dim"):
+        train_config_dict(
+            {**grid, "width": 24, "depth": 1, "tokens": 4096, "batch_tokens": 256, "lr": 1e-3}, s
+        )
+    with pytest.raises(ValueError, match="token budget"):
+        train_config_dict(
+            {**grid, "width": 32, "depth": 1, "tokens": 256, "batch_tokens": 256, "lr": 1e-3}, s
+        )
