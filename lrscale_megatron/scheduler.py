@@ -40,7 +40,7 @@ from lrscale_megatron.adapter import (
     OnlineConfig,
     adapt,
     crossed,
-    measure_lambda_max,
+    curvature_estimator,
 )
 from lrscale_megatron.schedule import DECAY_STYLES, WSD_DECAY_SHAPES, lr_at
 
@@ -617,22 +617,6 @@ def _compare(prefix: str, ckpt: Any, mine: Any) -> None:
         )
 
 
-def _distributed_sync(estimator: Estimator) -> Estimator:
-    """Broadcast rank 0's estimate so every data-parallel rank applies the same LR."""
-
-    def synced(params: Sequence[Any] | None) -> Estimate:
-        import torch.distributed as dist
-
-        est = estimator(params)
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            box: list[Any] = [est]
-            dist.broadcast_object_list(box, src=0)
-            est = box[0]
-        return est
-
-    return synced
-
-
 # --------------------------------------------------------------------------- optimizer binding
 
 
@@ -715,6 +699,7 @@ class LRScaleScheduler:
         *,
         param_groups: Sequence[Sequence[Any]] | None = None,
         sync: bool = True,
+        parallel: Any = None,
     ) -> None:
         """Give online mode what it measures: ``loss_fn(model, batch)`` at the current weights.
 
@@ -722,24 +707,17 @@ class LRScaleScheduler:
         model parameters of each optimizer param group, in order, for ``online.per_group``; it defaults
         to the optimizer's own groups, which is right for plain PyTorch but not under ZeRO (where the
         optimizer holds flat partitions). With ``sync`` rank 0's estimate is broadcast to all ranks.
+        ``parallel`` is the job's :class:`~lrscale_megatron.parallel.ParallelContext` (default: resolved
+        from megatron ``parallel_state`` or the DDP world); every rank must keep calling ``step()``:
+        the measurement is collective.
         """
         on = self.config.online
         if param_groups is None and on.per_group:
             param_groups = [list(g["params"]) for g in self.optimizer.param_groups]
 
-        def estimator(params: Sequence[Any] | None) -> Estimate:
-            return measure_lambda_max(
-                model,
-                loss_fn,
-                batch,
-                params=params,
-                mode=on.hvp,
-                max_iter=on.max_iter,
-                tol=on.tol,
-                seed=on.seed,
-            )
-
-        self.core.set_estimator(_distributed_sync(estimator) if sync else estimator, param_groups)
+        self.core.set_estimator(
+            curvature_estimator(model, loss_fn, batch, on, sync=sync, parallel=parallel), param_groups
+        )
 
     def attach_estimator(
         self,

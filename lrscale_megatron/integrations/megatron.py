@@ -39,9 +39,9 @@ from typing import Any, cast
 
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
-from lrscale_megatron.adapter import Estimate, OnlineConfig, measure_lambda_max
+from lrscale_megatron.adapter import Estimate, OnlineConfig, curvature_estimator
 from lrscale_megatron.schedule import DECAY_STYLES, WSD_DECAY_SHAPES, lr_at
-from lrscale_megatron.scheduler import LRScaleConfig, LRScaleCore, ModelSizes, _distributed_sync
+from lrscale_megatron.scheduler import LRScaleConfig, LRScaleCore, ModelSizes
 
 logger = logging.getLogger(__name__)
 
@@ -141,24 +141,15 @@ class LRScaleParamScheduler(OptimizerParamScheduler):
         *,
         param_groups: Sequence[Sequence[Any]] | None = None,
         sync: bool = True,
+        parallel: Any = None,
     ) -> None:
         """Same as :meth:`LRScaleScheduler.attach_curvature`; ``param_groups`` is required for per-group
         mode (a ``MegatronOptimizer`` holds main-parameter copies, not the model's parameters)."""
         on = self.lrscale_config.online
 
-        def estimator(params: Sequence[Any] | None) -> Estimate:
-            return measure_lambda_max(
-                model,
-                loss_fn,
-                batch,
-                params=params,
-                mode=on.hvp,
-                max_iter=on.max_iter,
-                tol=on.tol,
-                seed=on.seed,
-            )
-
-        self.lrscale.set_estimator(_distributed_sync(estimator) if sync else estimator, param_groups)
+        self.lrscale.set_estimator(
+            curvature_estimator(model, loss_fn, batch, on, sync=sync, parallel=parallel), param_groups
+        )
 
     def attach_estimator(
         self,
