@@ -57,6 +57,11 @@ class OnlineConfig:
         hvp: Hessian-vector product mode for the curvature core: ``"fd"`` (default: forward finite
             differences with a cached base gradient, one gradient per product, 0.1 % from exact on a
             trained float32 GPT) or ``"exact"`` (double backward, ~3.3 gradients per product on CPU).
+        precondition: measure the Adam-preconditioned Hessian ``P^-1/2 H P^-1/2`` (``P = sqrt(v̂) + eps``
+            from the optimizer's bias-corrected second moment), the quantity the ``eos`` bound is
+            stated for (Cohen et al. 2022). ``False`` measures the raw Hessian (pair it with
+            ``rule="inverse"``). Needs a torch Adam-type optimizer holding the model's parameters
+            (not ZeRO-1/2 flat partitions: there the measurement is skipped with the reason).
         max_iter: Lanczos iterations per measurement.
         tol: Lanczos relative residual tolerance.
         seed: Lanczos start-vector seed (fixed: identical estimates on every rank and on resume).
@@ -75,6 +80,7 @@ class OnlineConfig:
     max_change: float = 2.0
     per_group: bool = False
     hvp: HvpMode = "fd"
+    precondition: bool = True
     max_iter: int = 20
     tol: float = 1e-3
     seed: int = 0
@@ -127,7 +133,7 @@ def skip_reason(est: Estimate) -> str | None:
     """Why an estimate must not be used, or ``None`` if it is usable."""
     lam = est.lambda_max
     if not math.isfinite(lam):
-        return f"non-finite lambda_max={lam}"
+        return f"non-finite lambda_max={lam}" + (f" ({est.reason})" if est.reason else "")
     if lam <= 0.0:
         return f"non-positive lambda_max={lam} (no curvature bound)"
     if not est.converged:
@@ -234,6 +240,7 @@ def measure_lambda_max(
     tol: float = 1e-3,
     seed: int = 0,
     parallel: Any = None,
+    optimizer: Any = None,
 ) -> Estimate:
     """The measure hook: top Hessian eigenvalue of ``loss_fn`` on ``batch`` by Lanczos.
 
@@ -242,15 +249,23 @@ def measure_lambda_max(
     with :func:`lrscale_megatron.parallel.resolve_context` (megatron ``parallel_state`` when initialised,
     else plain data parallelism over the world, else one process). Every rank of the job must call this
     together: the products are collective. The curvature core is imported here, lazily, so the policy
-    above never needs it.
+    above never needs it. With ``optimizer`` the Adam-preconditioned operator is measured; an optimizer
+    without per-parameter second moments gives a not-converged estimate with the reason.
     """
     from lrscale_megatron.curvature import HessianOperator, lanczos
     from lrscale_megatron.parallel import resolve_context
 
     ctx = parallel if parallel is not None else resolve_context(model)
-    op = HessianOperator(
+    op: Any = HessianOperator(
         model, loss_fn, batch, mode=mode, params=None if params is None else list(params), parallel=ctx
     )
+    if optimizer is not None:
+        from lrscale_megatron.curvature import PreconditionedOperator
+
+        try:
+            op = PreconditionedOperator.from_optimizer(op, optimizer)
+        except ValueError as e:
+            return Estimate(lambda_max=math.nan, converged=False, reason=f"no Adam preconditioner: {e}")
     res = lanczos(op, k=1, max_iter=max_iter, tol=tol, seed=seed)
     lam = float(res.eigenvalues[0]) if len(res.eigenvalues) else math.nan
     return Estimate(
@@ -270,9 +285,11 @@ def curvature_estimator(
     *,
     sync: bool = True,
     parallel: Any = None,
+    optimizer: Any = None,
 ) -> Estimator:
-    """The estimator a scheduler attaches: :func:`measure_lambda_max` with the online settings, and
-    with ``sync`` rank 0's estimate broadcast so every rank applies the same LR."""
+    """The estimator a scheduler attaches: :func:`measure_lambda_max` with the online settings
+    (preconditioned by ``optimizer`` when ``online.precondition``), and with ``sync`` rank 0's estimate
+    broadcast so every rank applies the same LR."""
 
     def estimator(params: Sequence[Any] | None) -> Estimate:
         return measure_lambda_max(
@@ -285,6 +302,7 @@ def curvature_estimator(
             tol=online.tol,
             seed=online.seed,
             parallel=parallel,
+            optimizer=optimizer if online.precondition else None,
         )
 
     return _broadcast_from_rank0(estimator) if sync else estimator

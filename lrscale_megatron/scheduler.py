@@ -716,7 +716,10 @@ class LRScaleScheduler:
             param_groups = [list(g["params"]) for g in self.optimizer.param_groups]
 
         self.core.set_estimator(
-            curvature_estimator(model, loss_fn, batch, on, sync=sync, parallel=parallel), param_groups
+            curvature_estimator(
+                model, loss_fn, batch, on, sync=sync, parallel=parallel, optimizer=self.optimizer
+            ),
+            param_groups,
         )
 
     def attach_estimator(

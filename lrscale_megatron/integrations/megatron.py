@@ -148,7 +148,10 @@ class LRScaleParamScheduler(OptimizerParamScheduler):
         on = self.lrscale_config.online
 
         self.lrscale.set_estimator(
-            curvature_estimator(model, loss_fn, batch, on, sync=sync, parallel=parallel), param_groups
+            curvature_estimator(
+                model, loss_fn, batch, on, sync=sync, parallel=parallel, optimizer=self.optimizer
+            ),
+            param_groups,
         )
 
     def attach_estimator(

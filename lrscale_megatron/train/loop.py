@@ -265,33 +265,15 @@ def _attach_online(engine: Any, cfg: TrainConfig, ctx: ParallelContext, data: An
     config = getattr(sched, "config", None)
     if config is None or not hasattr(sched, "attach_estimator") or not config.online.enabled:
         return False
-    from lrscale_megatron.adapter import Estimate
-    from lrscale_megatron.curvature import HessianOperator, lanczos
     from lrscale_megatron.data import get_batch
     from lrscale_megatron.models.gpt import gpt_loss_fn
 
-    on = config.online
     held = micro_batches(
         get_batch(data.valid, 0, cfg.training.micro_batch_size), cfg.training.micro_batch_size
     )
     held = [_to_device(m) for m in held]
-
-    def estimator(params: Sequence[Any] | None) -> Estimate:
-        op = HessianOperator(
-            engine.module,
-            gpt_loss_fn,
-            held,
-            mode=on.hvp,
-            parallel=ctx,
-            params=None if params is None else list(params),
-        )
-        res = lanczos(op, k=1, max_iter=on.max_iter, tol=on.tol, seed=on.seed)
-        lam = float(res.eigenvalues[0]) if len(res.eigenvalues) else math.nan
-        return Estimate(
-            lambda_max=lam, converged=bool(res.converged), reason=res.reason, n_matvec=int(res.n_matvec)
-        )
-
-    sched.attach_estimator(estimator)
+    # every rank measures together (the products are collective), so no rank-0 broadcast is needed
+    sched.attach_curvature(engine.module, gpt_loss_fn, held, parallel=ctx, sync=False)
     return True
 
 

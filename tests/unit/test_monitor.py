@@ -147,7 +147,10 @@ def test_real_curvature_fills_n_matvec(tmp_path):
     x, y = torch.randn(16, 4), torch.randn(16, 1)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     cfg = LRScaleConfig(
-        total_steps=6, peak_lr=1e-3, warmup_steps=2, online=OnlineConfig(enabled=True, max_iter=10)
+        total_steps=6,
+        peak_lr=1e-3,
+        warmup_steps=2,
+        online=OnlineConfig(enabled=True, max_iter=10, precondition=False),
     )
     with LRScaleMonitor(tmp_path) as mon:
         sched = LRScaleScheduler(opt, cfg)

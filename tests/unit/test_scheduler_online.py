@@ -154,7 +154,8 @@ def test_converges_with_the_real_hessian_operator():
     a = _quadratic()
     model = Quadratic()
     sched = LRScaleScheduler(
-        torch.optim.SGD(model.parameters(), lr=1.0), _online_cfg(rule="inverse", eta_base=2.0)
+        torch.optim.SGD(model.parameters(), lr=1.0),
+        _online_cfg(rule="inverse", eta_base=2.0, precondition=False),
     )
     sched.attach_curvature(model, quad_loss, a)
     _train(sched, model, a, 40)
@@ -218,3 +219,32 @@ def test_user_group_ratios_are_kept():
         )
         assert lr1 == pytest.approx(0.1 * lr0, rel=1e-12, abs=0.0)
         sched.step()
+
+
+def test_eos_rule_measures_the_adam_preconditioned_hessian():
+    """With Adam, the eos bound is applied to lambda_max(P^-1/2 H P^-1/2) from the optimizer state."""
+    a = _quadratic()
+    model = Quadratic()
+    opt = torch.optim.Adam(model.parameters(), lr=1.0, betas=(0.9, 0.999), eps=1e-8)
+    sched = LRScaleScheduler(opt, _online_cfg(rule="eos", safety=0.5))
+    sched.attach_curvature(model, quad_loss, a)
+    _train(sched, model, a, 5)  # one measurement at the end of warmup (step 5), after the 5th Adam step
+    first = sched.history[0]
+    assert first["accepted"], first
+    st = opt.state[model.x]
+    vhat = st["exp_avg_sq"] / (1 - 0.999 ** float(st["step"]))
+    d = 1.0 / torch.sqrt(torch.sqrt(vhat.double()) + 1e-8)
+    want = float(torch.linalg.eigvalsh(d[:, None] * a * d[None, :])[-1])
+    assert first["lambda_max"] == pytest.approx(want, rel=1e-5)
+    assert abs(first["lambda_max"] - LAMBDA) > 1e-3 * LAMBDA  # not the raw Hessian's top eigenvalue
+
+
+def test_preconditioning_without_adam_state_is_skipped_with_the_reason(caplog):
+    a = _quadratic()
+    model = Quadratic()
+    sched = LRScaleScheduler(torch.optim.SGD(model.parameters(), lr=1.0), _online_cfg(rule="eos"))
+    sched.attach_curvature(model, quad_loss, a)
+    lrs = _train(sched, model, a, 12)
+    assert not any(h["accepted"] for h in sched.history)
+    assert "no Adam preconditioner" in caplog.text and "betas" in caplog.text
+    assert lrs[-1] == lrs[6]  # the LR did not move
