@@ -1,5 +1,6 @@
 """The ``lrscale`` command: one entry point, one sub-command per job.
 
+    lrscale compare configs/compare/cpu-demo.json           # cosine / inverse-sqrt / lrscale, time to target
     lrscale spectrum --preset tiny --json out.json          # Hessian spectrum of a GPT preset
     lrscale fit --steplaw-csv PATH --out LAW.json           # fit a learning-rate law
     lrscale predict --params 1.3e9 --tokens 1e11 --batch-tokens 4e6 --json
@@ -34,10 +35,12 @@ def build_parser() -> argparse.ArgumentParser:
     law_cli.add_subcommands(sub)
 
     from lrscale_megatron import plot
+    from lrscale_megatron.compare import cli as compare_cli
     from lrscale_megatron.sweep import cli as sweep_cli
 
     sweep_cli.add_subcommand(sub)
     plot.add_subcommand(sub)
+    compare_cli.add_subcommand(sub)
     sub.add_parser("prepare-data", help="tokenize a shipped corpus into Megatron .bin/.idx (see --help)")
     return p
 

@@ -3,14 +3,14 @@
 #
 #   bash scripts/demo.sh
 #
-# Today: the Hessian spectrum (top-3 eigenvalues, Hutchinson trace, per-layer lambda_max) of the
-# `tiny` megatron-core GPT on a real Shakespeare batch. The CPU baseline-comparison demo replaces it
-# once `lrscale compare` lands.
+# The CPU baseline comparison (`lrscale compare configs/compare/cpu-demo.json`): the cpu-tiny GPT
+# (0.12M parameters, byte-level Shakespeare; KJV as the held-out corpus) trained with warmup+cosine and
+# inverse-sqrt at the GPT-3 paper's LR, LRScale's law-predicted peak (offline and with online curvature
+# adaptation) and a 4-point cosine LR grid, 2 seeds each. Prints the time-to-target table and writes
+# out/compare/cpu-demo/report.md (+ report.json, loss/LR/lambda_max PNGs). A few minutes on 2 cores.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup_env.sh
 export PYTHONWARNINGS=ignore DS_ACCELERATOR=cpu
 mkdir -p out
-.venv/bin/lrscale spectrum --preset tiny --dtype float64 --top-k 3 --max-iter 40 --trace-samples 20 \
-  --per-layer --json out/spectrum-tiny.json
-echo "wrote out/spectrum-tiny.json"
+bash scripts/compare_baselines.sh configs/compare/cpu-demo.json "$@"
