@@ -711,16 +711,10 @@ class LRScaleScheduler:
         from megatron ``parallel_state`` or the DDP world); every rank must keep calling ``step()``:
         the measurement is collective.
         """
-        on = self.config.online
-        if param_groups is None and on.per_group:
-            param_groups = [list(g["params"]) for g in self.optimizer.param_groups]
-
-        self.core.set_estimator(
-            curvature_estimator(
-                model, loss_fn, batch, on, sync=sync, parallel=parallel, optimizer=self.optimizer
-            ),
-            param_groups,
+        estimator = curvature_estimator(
+            model, loss_fn, batch, self.config.online, sync=sync, parallel=parallel, optimizer=self.optimizer
         )
+        self.attach_estimator(estimator, param_groups)
 
     def attach_estimator(
         self,

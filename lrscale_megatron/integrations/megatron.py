@@ -145,14 +145,16 @@ class LRScaleParamScheduler(OptimizerParamScheduler):
     ) -> None:
         """Same as :meth:`LRScaleScheduler.attach_curvature`; ``param_groups`` is required for per-group
         mode (a ``MegatronOptimizer`` holds main-parameter copies, not the model's parameters)."""
-        on = self.lrscale_config.online
-
-        self.lrscale.set_estimator(
-            curvature_estimator(
-                model, loss_fn, batch, on, sync=sync, parallel=parallel, optimizer=self.optimizer
-            ),
-            param_groups,
+        estimator = curvature_estimator(
+            model,
+            loss_fn,
+            batch,
+            self.lrscale_config.online,
+            sync=sync,
+            parallel=parallel,
+            optimizer=self.optimizer,
         )
+        self.attach_estimator(estimator, param_groups)
 
     def attach_estimator(
         self,
