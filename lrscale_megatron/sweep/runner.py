@@ -66,6 +66,8 @@ class RunResult:
 
 TrainFn = Callable[[dict[str, Any], Report], RunResult]
 
+CENTER_PREDICTORS = ("width", "depth", "params", "tokens", "batch")
+
 
 @dataclass(frozen=True)
 class SweepGrid:
@@ -79,17 +81,25 @@ class SweepGrid:
         lr_min, lr_max, n_lr: ``n_lr`` peak LRs log-uniform in [lr_min, lr_max] (6 significant digits).
         seq_len: sequence length in tokens.
         base: fixed config entries copied into every run (seed, vocab size, ...); part of the run id.
+        lr_center: optional prior law ``{"coefficient": c, "exponents": {"width": a, ...}}`` (predictors
+            among ``width``, ``depth``, ``params``, ``tokens``, ``batch``): each (width, depth, tokens,
+            batch) group then gets its own ``n_lr`` LRs log-uniform over a factor ``lr_span`` centred on
+            ``c * prod x ** e`` (a fine grid that brackets every group's optimum without spending runs
+            far from it). ``lr_min`` / ``lr_max`` are then optional clamps on the centre.
+        lr_span: ratio of the largest to the smallest LR of a centred group grid.
     """
 
     widths: tuple[int, ...]
     depths: tuple[int, ...]
     token_budgets: tuple[float, ...]
     batch_tokens: tuple[int, ...]
-    lr_min: float
-    lr_max: float
-    n_lr: int
+    lr_min: float | None = None
+    lr_max: float | None = None
+    n_lr: int = 8
     seq_len: int = 2048
     base: dict[str, Any] = field(default_factory=dict)
+    lr_center: dict[str, Any] | None = None
+    lr_span: float | None = None
 
     def __post_init__(self) -> None:
         for name in ("widths", "depths", "token_budgets", "batch_tokens"):
@@ -97,14 +107,72 @@ class SweepGrid:
             object.__setattr__(self, name, vals)
             if not vals or any(not (isinstance(v, int | float) and v > 0) for v in vals):
                 raise ValueError(f"SweepGrid.{name}={vals!r}; fix: give at least one positive value")
-        if not 0 < self.lr_min <= self.lr_max:
-            raise ValueError(
-                f"SweepGrid.lr_min={self.lr_min}, lr_max={self.lr_max}; fix: need 0 < lr_min <= lr_max"
-            )
-        if self.n_lr < 1 or (self.n_lr == 1 and self.lr_min != self.lr_max):
+        if self.lr_center is None:
+            if self.lr_min is None or self.lr_max is None or not 0 < self.lr_min <= self.lr_max:
+                raise ValueError(
+                    f"SweepGrid.lr_min={self.lr_min}, lr_max={self.lr_max}; "
+                    "fix: need 0 < lr_min <= lr_max (or an lr_center law with lr_span)"
+                )
+            if self.lr_span is not None:
+                raise ValueError(
+                    f"SweepGrid.lr_span={self.lr_span} without lr_center; fix: add lr_center or drop lr_span"
+                )
+        else:
+            self._check_center()
+        if self.n_lr < 1 or (self.n_lr == 1 and (self.lr_center is not None or self.lr_min != self.lr_max)):
             raise ValueError(f"SweepGrid.n_lr={self.n_lr}; fix: use n_lr >= 2 (or 1 with lr_min == lr_max)")
 
-    def lrs(self) -> list[float]:
+    def _check_center(self) -> None:
+        c = self.lr_center
+        if not isinstance(c, dict) or set(c) - {"coefficient", "exponents", "source"}:
+            raise ValueError(
+                f"SweepGrid.lr_center={c!r}; fix: use {{'coefficient': c, 'exponents': {{'width': a, ...}}}} "
+                "(optional 'source')"
+            )
+        coef, exps = c.get("coefficient"), c.get("exponents")
+        if not isinstance(coef, int | float) or not coef > 0:
+            raise ValueError(f"SweepGrid.lr_center.coefficient={coef!r}; fix: give a positive number")
+        if not isinstance(exps, dict) or any(k not in CENTER_PREDICTORS for k in exps):
+            raise ValueError(
+                f"SweepGrid.lr_center.exponents={exps!r}; fix: a mapping with keys among {CENTER_PREDICTORS}"
+            )
+        for k, v in exps.items():
+            if not isinstance(v, int | float) or not math.isfinite(v):
+                raise ValueError(f"SweepGrid.lr_center.exponents.{k}={v!r}; fix: give a finite number")
+        if self.lr_span is None or not self.lr_span > 1.0:
+            raise ValueError(
+                f"SweepGrid.lr_span={self.lr_span}; fix: with lr_center give the grid's max/min LR ratio > 1, e.g. 8"
+            )
+        for name in ("lr_min", "lr_max"):
+            v = getattr(self, name)
+            if v is not None and not v > 0:
+                raise ValueError(f"SweepGrid.{name}={v}; fix: a positive clamp on the centre, or omit it")
+
+    def center(self, width: int, depth: int, tokens: float, batch_tokens: float) -> float:
+        """Centre of a group's LR grid (``lr_center`` law, clamped to [lr_min, lr_max] when given)."""
+        assert self.lr_center is not None
+        x = {
+            "width": width,
+            "depth": depth,
+            "params": 12 * depth * width**2,
+            "tokens": tokens,
+            "batch": batch_tokens,
+        }
+        lr = float(self.lr_center["coefficient"])
+        for k, e in self.lr_center["exponents"].items():
+            lr *= float(x[k]) ** float(e)
+        return min(max(lr, self.lr_min or 0.0), self.lr_max or math.inf)
+
+    def lrs(
+        self, width: int = 0, depth: int = 0, tokens: float = 0.0, batch_tokens: float = 0.0
+    ) -> list[float]:
+        """The LR grid (of the given group when ``lr_center`` is set)."""
+        if self.lr_center is not None:
+            assert self.lr_span is not None
+            lo = self.center(width, depth, tokens, batch_tokens) / math.sqrt(self.lr_span)
+            step = math.log(self.lr_span) / (self.n_lr - 1)
+            return [float(f"{lo * math.exp(i * step):.6g}") for i in range(self.n_lr)]
+        assert self.lr_min is not None and self.lr_max is not None
         if self.n_lr == 1:
             return [float(f"{self.lr_min:.6g}")]
         step = math.log(self.lr_max / self.lr_min) / (self.n_lr - 1)
@@ -117,7 +185,7 @@ class SweepGrid:
             for d in self.depths:
                 for t in self.token_budgets:
                     for b in self.batch_tokens:
-                        for lr in self.lrs():
+                        for lr in self.lrs(int(w), int(d), t, b):
                             out.append(
                                 {
                                     **self.base,
