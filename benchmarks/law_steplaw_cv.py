@@ -15,7 +15,13 @@ import logging
 from pathlib import Path
 
 from lrscale_megatron.law.data import load_steplaw_csv
-from lrscale_megatron.law.evaluate import RegretSummary, evaluate_fn, law_lr_fn, leave_one_nd_out
+from lrscale_megatron.law.evaluate import (
+    RegretSummary,
+    evaluate_fn,
+    law_lr_fn,
+    leave_one_nd_out,
+    nested_leave_one_nd_out,
+)
 from lrscale_megatron.law.fit import FitConfig
 from lrscale_megatron.law.lawfile import load_law
 from lrscale_megatron.law.optimum import METHODS, group_curves
@@ -49,7 +55,7 @@ def main() -> None:
                     " <- naive baseline" if (method, reg) == ("argmin", "huber") and "batch" in preds else ""
                 )
                 tag = (
-                    " <- shipped default"
+                    " <- `lrscale fit` default"
                     if (method, reg) == ("parabola", "huber") and "batch" in preds
                     else tag
                 )
@@ -57,16 +63,21 @@ def main() -> None:
                     f"{method:8s} + {reg:5s} [{','.join(preds)}]{tag}",
                     leave_one_nd_out(curves, method, FitConfig(preds, regressor=reg)),
                 )
+    cfg = FitConfig(("params", "tokens", "batch"))
+    nested, picks = nested_leave_one_nd_out(curves, cfg)
+    add("selected by inner LONO regret [params,tokens,batch] (nested) <- shipped", nested)
+    chosen = sorted({f"{p.method}+{p.regressor}" for p in picks})
     print(
         f"{len(curves)} (N, D, batch) sweeps, {len({(c.key.params, c.key.tokens) for c in curves})} (N, D) groups; regret in %"
     )
     print(
-        f"| {'law (eta* extraction + regressor [predictors])':62s} | mean | median | p90 | max | mean, interior optima only | MAE log LR |"
+        f"| {'law (eta* extraction + regressor [predictors])':66s} | mean | median | p90 | max | mean, interior optima only | MAE log LR |"
     )
-    print(f"|{'-' * 64}|------|--------|-----|-----|-----|-----|")
+    print(f"|{'-' * 68}|------|--------|-----|-----|-----|-----|")
+    print(f"nested selection chose, per outer fold: {[f'{p.method}+{p.regressor}' for p in picks]} ({chosen})")
     for name, s, si in rows:
         print(
-            f"| {name:62s} | {s.mean:.3f} | {s.median:.3f} | {s.p90:.3f} | {s.max:.2f} | {si.mean:.3f} (n={si.n}) | {s.mae_log_lr:.3f} |"
+            f"| {name:66s} | {s.mean:.3f} | {s.median:.3f} | {s.p90:.3f} | {s.max:.2f} | {si.mean:.3f} (n={si.n}) | {s.mae_log_lr:.3f} |"
         )
 
 

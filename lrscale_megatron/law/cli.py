@@ -16,14 +16,16 @@ import json
 import logging
 import shlex
 import sys
+from dataclasses import replace
 from typing import TextIO
 
 import numpy as np
 
 from lrscale_megatron.law.data import PREDICTORS, DataError, RunTable, load_steplaw_csv, load_store
+from lrscale_megatron.law.evaluate import select_by_regret
 from lrscale_megatron.law.fit import CollinearityError, FitConfig, ablation, optima_columns
 from lrscale_megatron.law.lawfile import LawFileError, load_law
-from lrscale_megatron.law.optimum import METHODS
+from lrscale_megatron.law.optimum import METHODS, group_curves
 from lrscale_megatron.law.pipeline import fit_law, nd_groups
 from lrscale_megatron.law.predict import predict, prediction_to_json
 
@@ -62,6 +64,13 @@ def add_subcommands(subparsers: argparse._SubParsersAction) -> None:
     f.add_argument("--seed", type=int, default=0)
     f.add_argument("--method", choices=METHODS, default="parabola", help="eta* extraction per LR sweep")
     f.add_argument("--regressor", choices=("huber", "ols"), default="huber")
+    f.add_argument(
+        "--select",
+        choices=("none", "regret"),
+        default="none",
+        help="regret: choose --method and --regressor by leave-one-(params, tokens)-out mean regret "
+        "over every combination (overrides both; the scores go into the law's provenance)",
+    )
     f.add_argument("--date", default=None, help="provenance date (default: today, ISO)")
     f.set_defaults(func=run_fit)
 
@@ -103,7 +112,21 @@ def run_fit(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
             "command": "lrscale "
             + " ".join(shlex.quote(a) for a in (getattr(args, "argv", None) or sys.argv[1:])),
         }
-        fitted = fit_law(table, config, name, prov, method=args.method)
+        method = args.method
+        if args.select == "regret":
+            sel = select_by_regret(group_curves(table), config)
+            method, config = sel.method, replace(config, regressor=sel.regressor)
+            prov["selection"] = {
+                "by": "leave-one-(params, tokens)-out mean regret, %",
+                "chosen": f"{sel.method}+{sel.regressor}",
+                "scores": {f"{m}+{r}": round(v, 4) for (m, r), v in sel.scores.items()},
+            }
+            print(
+                f"selected {sel.method} + {sel.regressor} by leave-one-(params, tokens)-out regret: "
+                + ", ".join(f"{m}+{r} {v:.3f}%" for (m, r), v in sel.scores.items()),
+                file=out,
+            )
+        fitted = fit_law(table, config, name, prov, method=method)
     except CollinearityError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -116,7 +139,7 @@ def run_fit(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
         + " * ".join(f"{p}^{e:+.4f}" for p, e in law.exponents.items()),
         file=out,
     )
-    print(f"{fit.n_points} optima ({args.method}), {fit.regressor}; {fit.collinearity.explain()}", file=out)
+    print(f"{fit.n_points} optima ({method}), {fit.regressor}; {fit.collinearity.explain()}", file=out)
     print(
         f"{'':10s} {'estimate':>10s} {'CI lo':>10s} {'CI hi':>10s}   ({100 * fit.ci_level:.0f}% bootstrap, B={args.bootstrap})",
         file=out,

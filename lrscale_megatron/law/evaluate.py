@@ -17,9 +17,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from lrscale_megatron.law.fit import FitConfig, fit_power_law, optima_columns
+from lrscale_megatron.law.fit import REGRESSORS, FitConfig, fit_power_law, optima_columns
 from lrscale_megatron.law.lawfile import ScalingLaw
-from lrscale_megatron.law.optimum import Curve, GroupKey, extract_optima
+from lrscale_megatron.law.optimum import METHODS, Curve, GroupKey, Optimum, extract_optima
 
 logger = logging.getLogger(__name__)
 
@@ -91,6 +91,33 @@ def law_lr_fn(law: ScalingLaw) -> Callable[[GroupKey], float]:
     return fn
 
 
+def _fold_config(config: FitConfig, regressor: str | None = None) -> FitConfig:
+    return FitConfig(
+        config.predictors,
+        folds=0,
+        bootstrap=0,
+        seed=config.seed,
+        huber_epsilon=config.huber_epsilon,
+        regressor=regressor or config.regressor,
+    )
+
+
+def _nd(key: GroupKey) -> tuple[float, float]:
+    return (key.params, key.tokens)
+
+
+def _lono(curves: Sequence[Curve], optima: Sequence[Optimum], cfg: FitConfig) -> list[GroupRegret]:
+    out: list[GroupRegret] = []
+    for nd in sorted({_nd(c.key) for c in curves}):
+        train = [o for o in optima if _nd(o.key) != nd]
+        fit = fit_power_law(optima_columns(train), np.array([o.eta_star for o in train]), cfg, check=False)
+        for c in curves:
+            if _nd(c.key) == nd:
+                lr = float(fit.predict({p: np.array([c.key.column(p)]) for p in cfg.predictors})[0])
+                out.append(regret_at(c, lr))
+    return out
+
+
 def leave_one_nd_out(
     curves: Sequence[Curve], method: str, config: FitConfig, min_lr_points: int = 3
 ) -> list[GroupRegret]:
@@ -99,23 +126,77 @@ def leave_one_nd_out(
     No bootstrap or CV runs inside (``config.folds``/``config.bootstrap`` are ignored); collinearity
     is not re-checked per fold.
     """
-    cfg = FitConfig(
-        config.predictors,
-        folds=0,
-        bootstrap=0,
-        seed=config.seed,
-        huber_epsilon=config.huber_epsilon,
-        regressor=config.regressor,
-    )
     usable = [c for c in curves if len(c.lr) >= min_lr_points]
-    all_optima = extract_optima(list(usable), method, min_lr_points)
-    nds = sorted({(c.key.params, c.key.tokens) for c in usable})
+    return _lono(usable, extract_optima(list(usable), method, min_lr_points), _fold_config(config))
+
+
+@dataclass(frozen=True)
+class Selection:
+    """The (extraction method, regressor) pair with the lowest leave-one-(N, D)-out mean regret."""
+
+    method: str
+    regressor: str
+    scores: dict[tuple[str, str], float]
+
+
+CANDIDATES: tuple[tuple[str, str], ...] = tuple((m, r) for m in METHODS for r in REGRESSORS)
+
+
+def select_by_regret(
+    curves: Sequence[Curve],
+    config: FitConfig,
+    candidates: Sequence[tuple[str, str]] = CANDIDATES,
+    min_lr_points: int = 3,
+) -> Selection:
+    """Pick the (method, regressor) whose leave-one-(N, D)-out mean regret on ``curves`` is lowest.
+
+    Model selection by cross-validation of the quantity a user cares about (regret), on the data at
+    hand only: :func:`nested_leave_one_nd_out` scores this whole procedure on groups it never saw.
+    Ties go to the earlier candidate.
+    """
+    usable = [c for c in curves if len(c.lr) >= min_lr_points]
+    if len({_nd(c.key) for c in usable}) < 3:
+        raise ValueError(
+            f"select_by_regret: {len({_nd(c.key) for c in usable})} (params, tokens) groups; "
+            "fix: need >= 3 to cross-validate, or name the method and regressor"
+        )
+    cache: dict[str, list[Optimum]] = {}
+    scores: dict[tuple[str, str], float] = {}
+    for method, reg in candidates:
+        if method not in cache:
+            cache[method] = extract_optima(list(usable), method, min_lr_points)
+        rows = _lono(usable, cache[method], _fold_config(config, reg))
+        scores[(method, reg)] = float(np.mean([g.regret_pct for g in rows]))
+    best = min(scores, key=lambda k: scores[k])
+    return Selection(best[0], best[1], scores)
+
+
+def nested_leave_one_nd_out(
+    curves: Sequence[Curve],
+    config: FitConfig,
+    candidates: Sequence[tuple[str, str]] = CANDIDATES,
+    min_lr_points: int = 3,
+) -> tuple[list[GroupRegret], list[Selection]]:
+    """Leave-one-(N, D)-out regret of *selecting* the method by :func:`select_by_regret`.
+
+    For each held-out (params, tokens) group, the selection runs on the other groups only (an inner
+    leave-one-out), the chosen law is fitted on them and scored on the held-out sweeps: an unbiased
+    estimate of the procedure's regret, with no choice made on the test groups. Returns the regrets and
+    the selection made in each outer fold.
+    """
+    usable = [c for c in curves if len(c.lr) >= min_lr_points]
     out: list[GroupRegret] = []
-    for nd in nds:
-        train = [o for o in all_optima if (o.key.params, o.key.tokens) != nd]
+    picks: list[Selection] = []
+    for nd in sorted({_nd(c.key) for c in usable}):
+        train_curves = [c for c in usable if _nd(c.key) != nd]
+        sel = select_by_regret(train_curves, config, candidates, min_lr_points)
+        picks.append(sel)
+        train = extract_optima(train_curves, sel.method, min_lr_points)
+        cfg = _fold_config(config, sel.regressor)
         fit = fit_power_law(optima_columns(train), np.array([o.eta_star for o in train]), cfg, check=False)
-        held = [c for c in usable if (c.key.params, c.key.tokens) == nd]
-        for c in held:
-            lr = float(fit.predict({p: np.array([c.key.column(p)]) for p in cfg.predictors})[0])
-            out.append(regret_at(c, lr))
-    return out
+        for c in usable:
+            if _nd(c.key) == nd:
+                lr = float(fit.predict({p: np.array([c.key.column(p)]) for p in cfg.predictors})[0])
+                out.append(regret_at(c, lr))
+        logger.info("nested LONO: held out %s, selected %s + %s", nd, sel.method, sel.regressor)
+    return out, picks
