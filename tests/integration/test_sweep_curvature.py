@@ -66,9 +66,11 @@ def _reference(settings, point, m: int, iters: int = 500) -> dict:
                 x = [xi / n for xi in x]
                 u = [xi * s for xi, s in zip(x, scale)] if pre else x
                 hu = torch.autograd.grad(grads, params, grad_outputs=u, retain_graph=True)
-                y = [h * s + shift * xi for h, s, xi in zip(hu, scale, x)] if pre else [
-                    h + shift * xi for h, xi in zip(hu, x)
-                ]
+                y = (
+                    [h * s + shift * xi for h, s, xi in zip(hu, scale, x)]
+                    if pre
+                    else [h + shift * xi for h, xi in zip(hu, x)]
+                )
                 lam = float(sum((xi * yi).sum() for xi, yi in zip(x, y)))
                 x = y
             return lam - shift
@@ -88,7 +90,7 @@ def _worker(out: Path) -> None:
 
     settings = GPTSweepSettings(
         base_config=str(ROOT / "configs/gpt/cpu-tiny.json"),
-        overrides=("training.dtype=\"float64\"",),
+        overrides=('training.dtype="float64"',),
     )
     try:
         raw = measure_point(POINT, settings, max_iter=40, tol=1e-6)
