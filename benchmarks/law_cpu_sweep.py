@@ -9,8 +9,8 @@ pure power law on the same cross-validation folds.
    the training corpus) and on the shift-corpus loss (KJV) of the same runs; the change in log eta*, and
    the law fitted on validation optima scored on the shift optima (R^2, MAE of log eta*) and by regret
    on the shift-loss curves.
-2. **Curvature.** ``lambda_max`` of the loss Hessian at init per (width, depth, batch) group
-   (:mod:`lrscale_megatron.sweep.curvature`; Lanczos over exact HVPs). Grouped 5-fold CV by
+2. **Curvature.** ``lambda_max`` of the loss Hessian at init per (width, depth, batch) group, raw and
+   Adam-preconditioned (:mod:`lrscale_megatron.sweep.curvature`; Lanczos over exact HVPs). Grouped 5-fold CV by
    (params, tokens), identical folds for every predictor set:
    ``eta* = kappa / lambda_max`` (kappa fitted per fold: mean of log(eta* lambda_max)),
    ``eta* = c lambda_max^e`` (free exponent, through the fit module's extra-column hook),
@@ -117,11 +117,14 @@ def plateau_loss(db: Path) -> float:
     return float(np.median(t.loss[t.lr == t.lr.max()]))
 
 
-def curvature_cv(db: Path, method: str, folds: int, max_loss: float | None = None) -> dict:
-    """Grouped-CV comparison; ``max_loss`` keeps only sweeps whose best loss is below it."""
+def curvature_cv(
+    db: Path, method: str, folds: int, max_loss: float | None = None, precondition: bool = False
+) -> dict:
+    """Grouped-CV comparison; ``max_loss`` keeps only sweeps whose best loss is below it;
+    ``precondition`` uses Adam-preconditioned lambda_max (``init_lambda_max_adam``)."""
     from lrscale_megatron.sweep.curvature import load_lambdas
 
-    lam = load_lambdas(db)
+    lam = load_lambdas(db, precondition)
     table = load_store(db, "val")
     from lrscale_megatron.sweep.store import SweepStore
 
@@ -186,31 +189,35 @@ def curvature_cv(db: Path, method: str, folds: int, max_loss: float | None = Non
     return out
 
 
-def plot_curvature(res: dict, path: Path) -> None:
+def plot_curvature(raw: dict, adam: dict, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    pts = res["_points"]
-    fig, ax = plt.subplots(figsize=(5, 4))
-    sc = ax.scatter(
-        [p["lambda_max"] for p in pts],
-        [p["eta_star"] for p in pts],
-        c=[np.log2(p["tokens"]) for p in pts],
-        marker="o",
-        cmap="viridis",
-    )
-    fig.colorbar(sc, ax=ax, label="log2 tokens")
-    lam = np.geomspace(min(p["lambda_max"] for p in pts), max(p["lambda_max"] for p in pts), 20)
-    k = res["kappa / lambda_max"]["kappa"]
-    ax.plot(lam, k / lam, "k--", lw=0.8, label=f"kappa/lambda, kappa={k:.3g}")
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_xlabel("lambda_max at init (Lanczos, exact HVP)")
-    ax.set_ylabel("measured eta* (val loss, parabola)")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
+    fig, axes = plt.subplots(1, 2, figsize=(9, 4))
+    for ax, res, label in (
+        (axes[0], raw, "lambda_max at init (Lanczos, exact HVP)"),
+        (axes[1], adam, "Adam-preconditioned lambda_max at init"),
+    ):
+        pts = res["_points"]
+        sc = ax.scatter(
+            [p["lambda_max"] for p in pts],
+            [p["eta_star"] for p in pts],
+            c=[np.log2(p["batch"]) for p in pts],
+            marker="o",
+            cmap="viridis",
+        )
+        lam = np.geomspace(min(p["lambda_max"] for p in pts), max(p["lambda_max"] for p in pts), 20)
+        k = res["kappa / lambda_max"]["kappa"]
+        r2 = res["kappa / lambda_max"]["r2"]
+        ax.plot(lam, k / lam, "k--", lw=0.8, label=f"kappa/lambda, kappa={k:.3g}, CV R2={r2:.2f}")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel(label)
+        ax.set_ylabel("measured eta*")
+        ax.legend(fontsize=7)
+    fig.colorbar(sc, ax=axes, label="log2 batch tokens")
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=90)
     plt.close(fig)
@@ -239,18 +246,23 @@ def main() -> None:
         from lrscale_megatron.sweep.curvature import measure_store
 
         measure_store(db, sc.settings, sc.grid.expand())
+        measure_store(db, sc.settings, sc.grid.expand(), precondition=True)
         shutdown()
     plateau = plateau_loss(db)
     res: dict[str, Any] = {
         "plateau_loss": plateau,
         "shift": shift_check(db, args.method),
         "curvature": curvature_cv(db, args.method, args.folds),
+        "curvature_adam": curvature_cv(db, args.method, args.folds, precondition=True),
         # post hoc: sweeps whose best run learned beyond byte frequencies (0.05 nats below the plateau)
         "curvature_learned": curvature_cv(db, args.method, args.folds, max_loss=plateau - args.min_gain),
     }
     if args.plot:
-        plot_curvature(res["curvature"], Path(args.plot))
+        plot_curvature(res["curvature"], res["curvature_adam"], Path(args.plot))
     pts = res["curvature"].pop("_points")
+    pts_adam = res["curvature_adam"].pop("_points")
+    for p, q in zip(pts, pts_adam, strict=True):
+        p["lambda_max_adam"] = q["lambda_max"]
     res["curvature_learned"].pop("_points")
     print(json.dumps(res, indent=1))
     if args.json:

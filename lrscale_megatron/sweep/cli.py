@@ -95,6 +95,8 @@ def parse_sweep_config(raw: dict[str, Any], base_dir: Path, source: str = "<dict
         grid = SweepGrid(**grid_raw)
     except TypeError as e:
         raise SweepConfigError(f"{source}: grid: {e}; fix: give {sorted(grid_fields)}") from None
+    except ValueError as e:
+        raise SweepConfigError(f"{source}: grid: {e}") from None
     train_raw = {k: v for k, v in dict(raw.get("train", {})).items() if not k.startswith("_")}
     set_fields = {f.name for f in fields(GPTSweepSettings)} - {"base_config", "shift_log"}
     bad = [k for k in train_raw if k not in set_fields]

@@ -14,7 +14,7 @@ from lrscale_megatron.train.config import config_from_dict
 ROOT = Path(__file__).resolve().parents[2]
 
 
-@pytest.mark.parametrize("name", ["cpu-sweep", "ci-tiny"])
+@pytest.mark.parametrize("name", ["cpu-sweep", "cpu-pilot", "ci-tiny"])
 def test_shipped_sweep_configs_map_to_valid_train_configs(name):
     sc = load_sweep_config(ROOT / "configs" / "sweep" / f"{name}.json")
     points = sc.grid.expand()
@@ -60,3 +60,23 @@ def test_bad_values_name_the_fix(tmp_path):
         train_config_dict(
             {**grid, "width": 32, "depth": 1, "tokens": 256, "batch_tokens": 256, "lr": 1e-3}, s
         )
+
+
+def test_lr_center_in_a_sweep_config(tmp_path):
+    base = str(ROOT / "configs" / "gpt" / "cpu-tiny.json")
+    grid = {
+        "widths": [32, 64],
+        "depths": [1],
+        "token_budgets": [4096],
+        "batch_tokens": [256],
+        "n_lr": 3,
+        "seq_len": 32,
+        "lr_center": {"coefficient": 0.064, "exponents": {"width": -1.0}, "source": "pilot"},
+        "lr_span": 4.0,
+    }
+    sc = parse_sweep_config({"store": "s", "base_config": base, "grid": grid}, tmp_path)
+    lrs = {w: sorted(p["lr"] for p in sc.grid.expand() if p["width"] == w) for w in (32, 64)}
+    assert lrs[32] == pytest.approx([1e-3, 2e-3, 4e-3])
+    assert lrs[64] == pytest.approx([5e-4, 1e-3, 2e-3])
+    with pytest.raises(SweepConfigError, match="lr_span"):
+        parse_sweep_config({"store": "s", "base_config": base, "grid": {**grid, "lr_span": 0.5}}, tmp_path)
