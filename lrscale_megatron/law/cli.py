@@ -2,6 +2,7 @@
 
     lrscale fit --steplaw-csv dense_lr_bs_loss.csv --predictors params,tokens,batch --out law.json --plots docs/img
     lrscale fit --store runs/sweep.db --predictors params,tokens --out law.json
+    lrscale fit --steplaw-csv dense_lr_bs_loss.csv --select regret --out law.json   # method by CV regret
     lrscale predict --params 1.3e9 --tokens 1e11 --batch-tokens 4e6 --law law.json --json
 
 Wire into a parser with :func:`add_subcommands`; each subcommand sets ``func`` to its handler, which
