@@ -36,7 +36,7 @@ from lrscale_megatron.law.optimum import Optimum, extract_optima, group_curves
 from lrscale_megatron.law.pipeline import nd_groups
 
 ROOT = Path(__file__).resolve().parents[1]
-POWER = ("params", "tokens", "batch")
+POWER = ("width", "depth", "tokens", "batch")  # the shipped cpu-sweep law's predictors
 
 
 def shift_table(db: Path) -> RunTable:
@@ -66,7 +66,7 @@ def r2_mae(y: np.ndarray, pred: np.ndarray) -> tuple[float, float]:
     return (1.0 - float(np.sum(resid**2)) / ss if ss > 0 else float("nan"), float(np.mean(np.abs(resid))))
 
 
-def shift_check(db: Path, method: str) -> dict:
+def shift_check(db: Path, method: str, regressor: str) -> dict:
     val_curves = group_curves(load_store(db, "val"))
     sh_curves = group_curves(shift_table(db))
     val_opt = {o.key: o for o in extract_optima(val_curves, method, keep_edge=True)}
@@ -77,7 +77,9 @@ def shift_check(db: Path, method: str) -> dict:
     # law fitted on the training corpus (validation optima), scored on the shift corpus
     tr = [val_opt[k] for k in both]
     fit = fit_power_law(
-        optima_columns(tr), np.array([o.eta_star for o in tr]), FitConfig(POWER, folds=0, bootstrap=0)
+        optima_columns(tr),
+        np.array([o.eta_star for o in tr]),
+        FitConfig(POWER, folds=0, bootstrap=0, regressor=regressor),
     )
     te = [sh_opt[k] for k in both]
     pred = fit.predict(optima_columns(te))
@@ -110,18 +112,8 @@ def val_curves_loss(curves: list, key) -> tuple[float, ...]:
     return next(c.loss for c in curves if c.key == key)
 
 
-def plateau_loss(db: Path) -> float:
-    """The unigram plateau: median final validation loss of the runs at the largest LR of the grid
-    (those collapse to predicting byte frequencies)."""
-    t = load_store(db, "val")
-    return float(np.median(t.loss[t.lr == t.lr.max()]))
-
-
-def curvature_cv(
-    db: Path, method: str, folds: int, max_loss: float | None = None, precondition: bool = False
-) -> dict:
-    """Grouped-CV comparison; ``max_loss`` keeps only sweeps whose best loss is below it;
-    ``precondition`` uses Adam-preconditioned lambda_max (``init_lambda_max_adam``)."""
+def curvature_cv(db: Path, method: str, folds: int, regressor: str, precondition: bool = False) -> dict:
+    """Grouped-CV comparison; ``precondition`` uses Adam-preconditioned lambda_max (``init_lambda_max_adam``)."""
     from lrscale_megatron.sweep.curvature import load_lambdas
 
     lam = load_lambdas(db, precondition)
@@ -140,7 +132,6 @@ def curvature_cv(
         o
         for o in extract_optima(group_curves(table), method)
         if (int(o.key.width), int(o.key.depth), int(o.key.batch_tokens), s) in lam
-        and (max_loss is None or o.loss_star < max_loss)
     ]
     lam_col = np.array(
         [lam[(int(o.key.width), int(o.key.depth), int(o.key.batch_tokens), s)] for o in optima]
@@ -149,15 +140,15 @@ def curvature_cv(
     eta = np.array([o.eta_star for o in optima])
     y = np.log(eta)
     groups = nd_groups(optima)
-    cfg = FitConfig(POWER, folds=folds, bootstrap=0)
+    cfg = FitConfig(POWER, folds=folds, bootstrap=0, regressor=regressor)
     out: dict = {"n_optima": len(optima), "n_lambda_groups": len(lam), "folds": folds}
     for name, preds in (
-        ("power law params,tokens,batch", POWER),
+        ("power law width,depth,tokens,batch", POWER),
         ("c * lambda_max^e", ("lambda_max",)),
         ("c * lambda_max^e * tokens^f", ("lambda_max", "tokens")),
         ("c * lambda_max^e * tokens^f * batch^g", ("lambda_max", "tokens", "batch")),
     ):
-        c = FitConfig(preds, folds=folds, bootstrap=0)
+        c = FitConfig(preds, folds=folds, bootstrap=0, regressor=regressor)
         cv = cross_validate(_log_design(cols, preds), y, c, groups)
         full = fit_power_law(cols, eta, c, groups, check=False)
         out[name] = {
@@ -228,11 +219,9 @@ def main() -> None:
     ap.add_argument("--config", default=str(ROOT / "configs/sweep/cpu-sweep.json"))
     ap.add_argument("--store", default=None, help="default: the sweep config's store")
     ap.add_argument("--measure", action="store_true", help="measure missing lambda_max at init first")
-    ap.add_argument("--method", default="parabola")
+    ap.add_argument("--method", default="argmin", help="eta* extraction (the shipped law's: argmin)")
+    ap.add_argument("--regressor", default="ols", help="the shipped law's: ols")
     ap.add_argument("--folds", type=int, default=5)
-    ap.add_argument(
-        "--min-gain", type=float, default=0.05, help="nats below the plateau for the 'learned' subset"
-    )
     ap.add_argument("--json", default=None)
     ap.add_argument("--plot", default=None)
     args = ap.parse_args()
@@ -248,14 +237,10 @@ def main() -> None:
         measure_store(db, sc.settings, sc.grid.expand())
         measure_store(db, sc.settings, sc.grid.expand(), precondition=True)
         shutdown()
-    plateau = plateau_loss(db)
     res: dict[str, Any] = {
-        "plateau_loss": plateau,
-        "shift": shift_check(db, args.method),
-        "curvature": curvature_cv(db, args.method, args.folds),
-        "curvature_adam": curvature_cv(db, args.method, args.folds, precondition=True),
-        # post hoc: sweeps whose best run learned beyond byte frequencies (0.05 nats below the plateau)
-        "curvature_learned": curvature_cv(db, args.method, args.folds, max_loss=plateau - args.min_gain),
+        "shift": shift_check(db, args.method, args.regressor),
+        "curvature": curvature_cv(db, args.method, args.folds, args.regressor),
+        "curvature_adam": curvature_cv(db, args.method, args.folds, args.regressor, precondition=True),
     }
     if args.plot:
         plot_curvature(res["curvature"], res["curvature_adam"], Path(args.plot))
@@ -263,7 +248,6 @@ def main() -> None:
     pts_adam = res["curvature_adam"].pop("_points")
     for p, q in zip(pts, pts_adam, strict=True):
         p["lambda_max_adam"] = q["lambda_max"]
-    res["curvature_learned"].pop("_points")
     print(json.dumps(res, indent=1))
     if args.json:
         Path(args.json).write_text(json.dumps({**res, "points": pts}, indent=1) + "\n")
