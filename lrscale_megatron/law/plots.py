@@ -43,7 +43,8 @@ def plot_loss_vs_lr(curves: Sequence[Curve], optima: Sequence[Optimum], path: st
         ax.set_xscale("log")
         ax.set_title(f"N={nd[0]:.3g}, D={nd[1]:.3g}", fontsize=9)
         lo = min(min(c.loss) for c in group)
-        ax.set_ylim(lo - 0.005 * lo, lo + 0.04 * lo)
+        hi = max(min(c.loss) for c in group)  # every batch's minimum stays in view
+        ax.set_ylim(lo - 0.005 * lo, hi + 0.04 * hi)
         ax.set_xlabel("peak LR")
         ax.set_ylabel("loss")
     for ax in list(axes.flat)[len(keys) :]:
