@@ -15,6 +15,9 @@ Sweep config (JSON; keys starting with ``_`` are comments; paths relative to the
       "grid": {"widths": [32, 48, 64], "depths": [1, 2], "token_budgets": [65536, 131072],
                "batch_tokens": [512, 1024], "lr_min": 1e-3, "lr_max": 1e-1, "n_lr": 7, "seq_len": 64,
                "base": {"seed": 0}},
+      # or per-group LR grids centred on a prior law (a pilot's fit), n_lr LRs over a factor lr_span:
+      #   "lr_center": {"law": "pilot-law.json"}   (or {"coefficient": c, "exponents": {"width": a, ...}}),
+      #   "lr_span": 8
       "train": {"head_dim": 16, "warmup_fraction": 0.05, "evals": 4, "eval_batches": 4, "threads": 1,
                 "overrides": []}
     }
@@ -91,6 +94,9 @@ def parse_sweep_config(raw: dict[str, Any], base_dir: Path, source: str = "<dict
     for k in ("widths", "depths", "token_budgets", "batch_tokens"):
         if k in grid_raw:
             grid_raw[k] = tuple(grid_raw[k])
+    center = grid_raw.get("lr_center")
+    if isinstance(center, dict) and "law" in center:
+        grid_raw["lr_center"] = _center_from_law(center, base_dir, source)
     try:
         grid = SweepGrid(**grid_raw)
     except TypeError as e:
@@ -115,6 +121,31 @@ def parse_sweep_config(raw: dict[str, Any], base_dir: Path, source: str = "<dict
         raise SweepConfigError(f"{source}: workers={workers!r}; fix: use a positive integer")
     csv_path = Path(_resolve(base_dir, raw["csv"])) if raw.get("csv") else None
     return SweepConfig(store, grid, settings, workers, csv_path, source)
+
+
+def _center_from_law(center: dict[str, Any], base_dir: Path, source: str) -> dict[str, Any]:
+    """``{"law": NAME_OR_PATH}`` -> the inline ``lr_center`` of that law file (paths relative to the config)."""
+    from lrscale_megatron.law.lawfile import LawFileError, load_law
+    from lrscale_megatron.sweep.runner import CENTER_PREDICTORS
+
+    if set(center) != {"law"}:
+        raise SweepConfigError(
+            f"{source}: grid.lr_center={center!r}; fix: give either {{'law': NAME_OR_PATH}} or "
+            "{'coefficient': c, 'exponents': {...}}, not both"
+        )
+    ref = str(center["law"])
+    path = Path(_resolve(base_dir, ref))
+    try:
+        law = load_law(str(path) if path.is_file() else ref)
+    except (LawFileError, ValueError) as e:
+        raise SweepConfigError(f"{source}: grid.lr_center.law={ref!r}: {e}") from None
+    bad = [p for p in law.predictors if p not in CENTER_PREDICTORS]
+    if bad:
+        raise SweepConfigError(
+            f"{source}: grid.lr_center.law={ref!r} uses predictors {bad}; "
+            f"fix: a law in {CENTER_PREDICTORS} only"
+        )
+    return {"coefficient": law.coefficient, "exponents": dict(law.exponents), "source": ref}
 
 
 def load_sweep_config(path: str | Path) -> SweepConfig:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -80,3 +81,36 @@ def test_lr_center_in_a_sweep_config(tmp_path):
     assert lrs[64] == pytest.approx([5e-4, 1e-3, 2e-3])
     with pytest.raises(SweepConfigError, match="lr_span"):
         parse_sweep_config({"store": "s", "base_config": base, "grid": {**grid, "lr_span": 0.5}}, tmp_path)
+
+
+def test_lr_center_from_a_law_file(tmp_path):
+    from lrscale_megatron.law.lawfile import load_law
+
+    base = str(ROOT / "configs" / "gpt" / "cpu-tiny.json")
+    law_path = tmp_path / "pilot.json"
+    law_path.write_text((ROOT / "lrscale_megatron" / "laws" / "cpu-sweep.json").read_text())
+    grid = {
+        "widths": [32, 128],
+        "depths": [1],
+        "token_budgets": [524288],
+        "batch_tokens": [256],
+        "n_lr": 3,
+        "seq_len": 64,
+        "lr_center": {"law": "pilot.json"},  # relative to the sweep config's directory
+        "lr_span": 4.0,
+    }
+    sc = parse_sweep_config({"store": "s", "base_config": base, "grid": grid}, tmp_path)
+    law = load_law(law_path)
+    for w in (32, 128):
+        lrs = sorted(p["lr"] for p in sc.grid.expand() if p["width"] == w)
+        x = {"width": w, "depth": 1, "tokens": 524288, "batch": 256}
+        want = law.coefficient * math.prod(x[k] ** e for k, e in law.exponents.items())
+        assert lrs[1] == pytest.approx(want, rel=1e-5)
+    with pytest.raises(SweepConfigError, match=r"lr_center.law='missing.json'"):
+        parse_sweep_config(
+            {"store": "s", "base_config": base, "grid": {**grid, "lr_center": {"law": "missing.json"}}},
+            tmp_path,
+        )
+    with pytest.raises(SweepConfigError, match="not both"):
+        bad = {"law": "pilot.json", "coefficient": 1.0}
+        parse_sweep_config({"store": "s", "base_config": base, "grid": {**grid, "lr_center": bad}}, tmp_path)
