@@ -15,7 +15,7 @@ from lrscale_megatron.train.config import config_from_dict
 ROOT = Path(__file__).resolve().parents[2]
 
 
-@pytest.mark.parametrize("name", ["cpu-sweep", "cpu-pilot", "ci-tiny"])
+@pytest.mark.parametrize("name", ["cpu-sweep", "cpu-pilot", "cpu-sweep-seed1", "ci-tiny"])
 def test_shipped_sweep_configs_map_to_valid_train_configs(name):
     sc = load_sweep_config(ROOT / "configs" / "sweep" / f"{name}.json")
     points = sc.grid.expand()
