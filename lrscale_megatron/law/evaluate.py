@@ -106,15 +106,20 @@ def _nd(key: GroupKey) -> tuple[float, float]:
     return (key.params, key.tokens)
 
 
+def _fit_and_score(train: Sequence[Optimum], held: Sequence[Curve], cfg: FitConfig) -> list[GroupRegret]:
+    """Fit ``cfg`` on the ``train`` optima; regret of its prediction on each ``held`` curve."""
+    fit = fit_power_law(optima_columns(train), np.array([o.eta_star for o in train]), cfg, check=False)
+    return [
+        regret_at(c, float(fit.predict({p: np.array([c.key.column(p)]) for p in cfg.predictors})[0]))
+        for c in held
+    ]
+
+
 def _lono(curves: Sequence[Curve], optima: Sequence[Optimum], cfg: FitConfig) -> list[GroupRegret]:
     out: list[GroupRegret] = []
     for nd in sorted({_nd(c.key) for c in curves}):
         train = [o for o in optima if _nd(o.key) != nd]
-        fit = fit_power_law(optima_columns(train), np.array([o.eta_star for o in train]), cfg, check=False)
-        for c in curves:
-            if _nd(c.key) == nd:
-                lr = float(fit.predict({p: np.array([c.key.column(p)]) for p in cfg.predictors})[0])
-                out.append(regret_at(c, lr))
+        out += _fit_and_score(train, [c for c in curves if _nd(c.key) == nd], cfg)
     return out
 
 
@@ -192,11 +197,7 @@ def nested_leave_one_nd_out(
         sel = select_by_regret(train_curves, config, candidates, min_lr_points)
         picks.append(sel)
         train = extract_optima(train_curves, sel.method, min_lr_points)
-        cfg = _fold_config(config, sel.regressor)
-        fit = fit_power_law(optima_columns(train), np.array([o.eta_star for o in train]), cfg, check=False)
-        for c in usable:
-            if _nd(c.key) == nd:
-                lr = float(fit.predict({p: np.array([c.key.column(p)]) for p in cfg.predictors})[0])
-                out.append(regret_at(c, lr))
+        held = [c for c in usable if _nd(c.key) == nd]
+        out += _fit_and_score(train, held, _fold_config(config, sel.regressor))
         logger.info("nested LONO: held out %s, selected %s + %s", nd, sel.method, sel.regressor)
     return out, picks

@@ -22,6 +22,17 @@ from lrscale_megatron.law.predict import predict  # noqa: E402
 logger = logging.getLogger(__name__)
 
 
+def _save(fig: plt.Figure, path: str | Path) -> Path:
+    """Lay out, write as PNG (dpi 90, parent directories created), close."""
+    fig.tight_layout()
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=90)
+    plt.close(fig)
+    logger.info("wrote %s", out)
+    return out
+
+
 def plot_loss_vs_lr(curves: Sequence[Curve], optima: Sequence[Optimum], path: str | Path) -> Path:
     """One panel per (params, tokens); one line per batch size; eta* marked on each line."""
     by_nd: dict[tuple[float, float], list[Curve]] = defaultdict(list)
@@ -50,13 +61,7 @@ def plot_loss_vs_lr(curves: Sequence[Curve], optima: Sequence[Optimum], path: st
     for ax in list(axes.flat)[len(keys) :]:
         ax.axis("off")
     axes.flat[0].legend(fontsize=6)
-    fig.tight_layout()
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=90)
-    plt.close(fig)
-    logger.info("wrote %s", out)
-    return out
+    return _save(fig, path)
 
 
 def plot_predicted_vs_measured(law: ScalingLaw, optima: Sequence[Optimum], path: str | Path) -> Path:
@@ -92,10 +97,4 @@ def plot_predicted_vs_measured(law: ScalingLaw, optima: Sequence[Optimum], path:
     ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax.set_xlabel("measured eta* (bracket = grid neighbours)")
     ax.set_ylabel(f"predicted ({law.name}; 5-95% bootstrap)")
-    fig.tight_layout()
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=90)
-    plt.close(fig)
-    logger.info("wrote %s", out)
-    return out
+    return _save(fig, path)
