@@ -169,6 +169,10 @@ class SweepGrid:
         """The LR grid (of the given group when ``lr_center`` is set)."""
         if self.lr_center is not None:
             assert self.lr_span is not None
+            if min(width, depth, tokens, batch_tokens) <= 0:
+                raise ValueError(
+                    "SweepGrid.lrs() with lr_center needs the group: lrs(width, depth, tokens, batch_tokens)"
+                )
             lo = self.center(width, depth, tokens, batch_tokens) / math.sqrt(self.lr_span)
             step = math.log(self.lr_span) / (self.n_lr - 1)
             return [float(f"{lo * math.exp(i * step):.6g}") for i in range(self.n_lr)]

@@ -54,3 +54,9 @@ def test_centre_is_clamped():
 def test_bad_center_configs_name_the_field(kw, match):
     with pytest.raises(ValueError, match=match):
         _grid(**kw)
+
+
+def test_centred_lrs_need_the_group():
+    g = _grid(lr_center=CENTER, lr_span=4.0)
+    with pytest.raises(ValueError, match="needs the group"):
+        g.lrs()
