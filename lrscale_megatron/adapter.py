@@ -1,20 +1,29 @@
-"""Online spectral adaptation of the peak learning rate.
+"""Online spectral adaptation of the peak learning rate: the gauge policy.
 
-Every ``adapt_every`` steps (and once when warmup ends) the scheduler measures the top Hessian
-eigenvalue ``lambda`` of the loss on a held batch and turns it into a peak LR:
+Each measurement of the top Hessian eigenvalue ``lambda`` (Adam-preconditioned by default) is read as the
+**gauge** ``g = lambda * lr(t) / threshold`` against the LR *in force* at step ``t`` (``f(t) * peak``, not the
+peak): ``threshold = (2 + 2*beta1) / (1 - beta1)`` for ``rule="eos"`` (Cohen et al. 2022, "Adaptive
+gradient methods at the edge of stability": Adam with momentum ``beta1`` is stable while the
+preconditioned sharpness stays below ``threshold / lr``; ``beta1 = 0`` gives the ``2 / lambda`` of Cohen
+et al. 2021), ``eta_base`` for ``rule="inverse"`` (``eta = eta_base / lambda``, the layer-wise scheme).
+``g ~ 1`` at the edge of stability. Under Adam the sharpness self-stabilises at the edge for the LR in
+force, so ``g ~ 1`` is healthy training, not a reason to act; comparing the bound with the *peak* (as a
+first version did) turned that equilibrium into a ratchet.
 
-* ``rule="eos"`` (default): the preconditioned edge-of-stability bound of Cohen et al. 2022,
-  "Adaptive gradient methods at the edge of stability": Adam with momentum ``beta1`` is stable while
-  the (preconditioned) sharpness stays below ``(2 + 2*beta1) / ((1 - beta1) * lr)``, so
-  ``lr = safety * (2 + 2*beta1) / ((1 - beta1) * lambda)``. For plain gradient descent
-  (``beta1 = 0``) this is the classical ``2 / lambda`` of Cohen et al. 2021.
-* ``rule="inverse"``: ``lr = eta_base / lambda`` (``eta_base`` carries its own safety margin).
+Decisions (one per measurement and param group, each logged with its reason):
 
-The proposal is smoothed with an exponential moving average in log space, combined with the offline
-(law / explicit) peak (``combine``), clamped to a band around the offline peak and to a maximum change
-per adaptation. An estimate that is NaN, Inf, non-positive or not converged is skipped: the peak is
-kept and the reason logged. Everything here is pure (no ``torch.distributed``); the only call into the
-curvature core is :func:`measure_lambda_max`, so the policy is testable with an injected estimator.
+* **skip** an unusable estimate (NaN / Inf, ``lambda <= 0``, not converged) or one taken at ``lr(t) = 0``:
+  the peak is kept;
+* **curvature** (only with ``kappa``, once, at the first measurement at or after the end of warmup): the
+  peak becomes ``max(offline, kappa / lambda)`` (or ``kappa / lambda``) and then goes through the cut test;
+* **cut** when ``g > cut_above``: the peak is scaled so that ``g`` becomes ``safety`` (at most ``max_cut``);
+* **raise**, only where ``combine`` lets the peak rise, after warmup, while the schedule is at >= half
+  its peak, when the smoothed gauge is below ``raise_below``: towards ``g = safety``, at most ``max_change``;
+* **hold** otherwise;
+
+then the peak is clamped to ``band`` x the offline peak. A warning is logged when ``g`` crosses 1.
+Everything here is pure (no ``torch.distributed``); the only call into the curvature core is
+:func:`measure_lambda_max`, so the policy is testable with an injected estimator.
 """
 
 from __future__ import annotations
@@ -23,67 +32,33 @@ import logging
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
-from typing import Any, Literal
+from typing import Any
+
+from lrscale_megatron.scheduler_config import Combine, HvpMode, OnlineConfig, Rule
 
 logger = logging.getLogger(__name__)
 
-Rule = Literal["eos", "inverse"]
-Combine = Literal["min", "max", "geomean", "online"]
-HvpMode = Literal["exact", "fd"]
+__all__ = [
+    "AdapterState",
+    "Combine",
+    "Decision",
+    "Estimate",
+    "Estimator",
+    "HvpMode",
+    "OnlineConfig",
+    "Rule",
+    "adapt",
+    "crossed",
+    "curvature_estimator",
+    "gauge",
+    "measure_lambda_max",
+    "skip_reason",
+    "stability_lr",
+]
 
-
-@dataclass(frozen=True)
-class OnlineConfig:
-    """Online adaptation settings (the ``online`` block of the scheduler params).
-
-    Attributes:
-        enabled: adapt the peak from measured curvature. Off by default.
-        adapt_every: measure every this many steps (default 1000: with ``hvp="fd"`` a measurement costs
-            about ``max_iter`` + 1 gradients, so the steady-state overhead stays near 1-2 %; see
-            docs/benchmarks.md) (iterations under DeepSpeed / PyTorch; samples under
-            Megatron-LM, where a measurement happens whenever a multiple of it is crossed).
-        start_step: first step at which to measure; ``None`` means the end of warmup (``warmup_steps``).
-        rule: ``"eos"`` (Cohen et al. 2022 bound times ``safety``) or ``"inverse"`` (``eta_base/lambda``).
-        beta1: Adam's first-moment coefficient used by the ``eos`` bound.
-        safety: multiplier (0, 1] applied to the ``eos`` bound.
-        eta_base: numerator of the ``inverse`` rule.
-        ema: weight of the previous smoothed log-LR (0 = no smoothing, must be < 1).
-        combine: how online and offline peaks combine. ``"min"`` (default: the offline peak is never
-            exceeded and the stability bound is never crossed), ``"max"``, ``"geomean"`` or ``"online"``
-            (offline only serves as the clamp reference).
-        band: ``(low, high)`` multipliers of the offline peak that bound the adapted peak.
-        max_change: largest factor by which one adaptation may move the peak (> 1).
-        per_group: measure each optimizer param group separately and give each its own peak.
-        hvp: Hessian-vector product mode for the curvature core: ``"fd"`` (default: forward finite
-            differences with a cached base gradient, one gradient per product, 0.1 % from exact on a
-            trained float32 GPT) or ``"exact"`` (double backward, ~3.3 gradients per product on CPU).
-        precondition: measure the Adam-preconditioned Hessian ``P^-1/2 H P^-1/2`` (``P = sqrt(v̂) + eps``
-            from the optimizer's bias-corrected second moment), the quantity the ``eos`` bound is
-            stated for (Cohen et al. 2022). ``False`` measures the raw Hessian (pair it with
-            ``rule="inverse"``). Needs a torch Adam-type optimizer holding the model's parameters
-            (not ZeRO-1/2 flat partitions: there the measurement is skipped with the reason).
-        max_iter: Lanczos iterations per measurement.
-        tol: Lanczos relative residual tolerance.
-        seed: Lanczos start-vector seed (fixed: identical estimates on every rank and on resume).
-    """
-
-    enabled: bool = False
-    adapt_every: int = 1000
-    start_step: int | None = None
-    rule: Rule = "eos"
-    beta1: float = 0.9
-    safety: float = 0.5
-    eta_base: float = 1.0
-    ema: float = 0.5
-    combine: Combine = "min"
-    band: tuple[float, float] = (0.1, 10.0)
-    max_change: float = 2.0
-    per_group: bool = False
-    hvp: HvpMode = "fd"
-    precondition: bool = True
-    max_iter: int = 20
-    tol: float = 1e-3
-    seed: int = 0
+#: Raises only while the LR in force is at least this fraction of the peak (not late in the decay, where
+#: a small gauge says the decay lowered the LR, not that the peak is too low).
+RAISE_MIN_FRACTION = 0.5
 
 
 @dataclass(frozen=True)
@@ -103,17 +78,28 @@ Estimator = Callable[[Sequence[Any] | None], Estimate]
 
 @dataclass
 class AdapterState:
-    """Smoothing state of one adapted peak (one per param group in per-group mode)."""
+    """Policy state of one adapted peak (one per param group in per-group mode); plain data for checkpoints.
+
+    ``log_ema`` is the smoothed log-gauge (rescaled whenever the peak moves), ``last_gauge`` the previous
+    measurement's gauge (for the crossing warning), ``curvature_done`` whether the ``kappa`` peak was set.
+    """
 
     peak: float
     log_ema: float | None = None
+    last_gauge: float | None = None
     n_accepted: int = 0
     n_skipped: int = 0
+    curvature_done: bool = False
 
 
 @dataclass(frozen=True)
 class Decision:
-    """What one adaptation did; ``history`` entries of the scheduler are these, as dicts."""
+    """What one measurement did; the scheduler's ``history`` entries are these, as dicts.
+
+    ``lr`` is the LR in force when measured, ``gauge`` = ``lambda_max * lr / threshold``, ``action`` one of
+    ``skip | hold | cut | raise | curvature``, ``reason`` says why (always set), ``proposed`` is the peak
+    the rule asked for before ``band`` clamping.
+    """
 
     step: int
     group: int | None
@@ -124,6 +110,10 @@ class Decision:
     peak_before: float
     peak_after: float
     n_matvec: int = 0
+    lr: float = math.nan
+    gauge: float = math.nan
+    action: str = "skip"
+    crossed_edge: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -141,25 +131,14 @@ def skip_reason(est: Estimate) -> str | None:
     return None
 
 
+def gauge(lam: float, lr: float, cfg: OnlineConfig) -> float:
+    """``lambda * lr / threshold``: 1 at the edge of stability for the LR in force ``lr``."""
+    return lam * lr / cfg.threshold
+
+
 def stability_lr(lam: float, cfg: OnlineConfig) -> float:
-    """Raw peak LR allowed by curvature ``lam > 0`` under ``cfg.rule``."""
-    if cfg.rule == "eos":
-        # Cohen et al. 2022: Adam is stable while lambda(P^-1 H) < (2 + 2 b1) / ((1 - b1) lr).
-        return cfg.safety * (2.0 + 2.0 * cfg.beta1) / ((1.0 - cfg.beta1) * lam)
-    return cfg.eta_base / lam
-
-
-def combine_peaks(offline: float, online: float, how: str) -> float:
-    """Combine the offline and the (smoothed) online peak."""
-    if how == "min":
-        return min(offline, online)
-    if how == "max":
-        return max(offline, online)
-    if how == "geomean":
-        return math.sqrt(offline * online)
-    if how == "online":
-        return online
-    raise ValueError(f"combine={how!r} is not one of ('min', 'max', 'geomean', 'online')")
+    """The LR at the edge of stability for curvature ``lam > 0`` times ``safety`` (``g = safety``)."""
+    return cfg.safety * cfg.threshold / lam
 
 
 def adapt(
@@ -170,21 +149,21 @@ def adapt(
     cfg: OnlineConfig,
     step: int,
     group: int | None,
+    lr: float,
+    warmup_done: bool = True,
+    floor: float = 0.0,
 ) -> Decision:
-    """Update ``state`` in place from one estimate and return what was done.
+    """Update ``state`` in place from one estimate taken while the LR in force was ``lr``; see the module.
 
-    1. reject unusable estimates (NaN/Inf, lambda <= 0, not converged): peak unchanged;
-    2. proposal = stability_lr(lambda);
-    3. EMA in log space: s = ema * s_prev + (1 - ema) * log(proposal) (first: s = log(proposal));
-    4. combine exp(s) with the offline peak;
-    5. clamp to [band_lo, band_hi] * offline_peak;
-    6. clamp to [peak / max_change, peak * max_change].
+    ``floor`` is the schedule's own floor (``max(min_lr, init_lr)``): the peak is never cut below it.
     """
     before = state.peak
+    where = "" if group is None else f" (param group {group})"
     reason = skip_reason(est)
+    if reason is None and not (math.isfinite(lr) and lr > 0.0):
+        reason = f"no LR in force (lr={lr}): the gauge is undefined"
     if reason is not None:
         state.n_skipped += 1
-        where = "" if group is None else f" (param group {group})"
         logger.warning(
             "lrscale: step %d%s: curvature estimate skipped: %s; peak LR kept at %.6g",
             step,
@@ -192,41 +171,109 @@ def adapt(
             reason,
             before,
         )
-        return Decision(step, group, est.lambda_max, False, reason, math.nan, before, before, est.n_matvec)
-    proposed = stability_lr(est.lambda_max, cfg)
-    log_p = math.log(proposed)
-    state.log_ema = log_p if state.log_ema is None else cfg.ema * state.log_ema + (1.0 - cfg.ema) * log_p
-    target = combine_peaks(offline_peak, math.exp(state.log_ema), cfg.combine)
+        return Decision(
+            step, group, est.lambda_max, False, reason, math.nan, before, before, est.n_matvec, lr
+        )
+    lam = est.lambda_max
+    g = gauge(lam, lr, cfg)
+    crossed_edge = g > 1.0 and (state.last_gauge is None or state.last_gauge <= 1.0)
+    if crossed_edge:
+        logger.warning(
+            "lrscale: step %d%s: gauge g = lambda_max*lr/threshold = %.3g crossed 1 (lambda_max=%.6g, "
+            "lr=%.6g): training is at or beyond the edge of stability",
+            step,
+            where,
+            g,
+            lam,
+            lr,
+        )
+    state.last_gauge = g
+    state.log_ema = (
+        math.log(g) if state.log_ema is None else cfg.ema * state.log_ema + (1 - cfg.ema) * math.log(g)
+    )
+    g_smooth = math.exp(state.log_ema)
+    target, action = before, "hold"
+    why = f"g={g:.3g} within (.., cut_above={cfg.cut_above:g}]"
+    if cfg.kappa is not None and warmup_done and not state.curvature_done:
+        state.curvature_done = True
+        eta_curv = cfg.kappa / lam
+        target = max(offline_peak, eta_curv) if cfg.curvature_peak == "max" else eta_curv
+        action = "curvature"
+        why = f"curvature peak kappa/lambda={eta_curv:.4g} ({cfg.curvature_peak} with offline {offline_peak:.4g})"
+    g_new = g * target / before
+    if g_new > cfg.cut_above:
+        target = max(target * cfg.safety / g_new, before / cfg.max_cut)
+        action = "cut"
+        why = f"g={g_new:.3g} > cut_above={cfg.cut_above:g}: cut towards g={cfg.safety:g}"
+    elif action == "hold" and g_smooth < cfg.raise_below:
+        if cfg.combine == "min":
+            why = f"room (smoothed g={g_smooth:.3g} < {cfg.raise_below:g}) but combine='min' never raises the peak"
+        elif not warmup_done:
+            why = f"room (smoothed g={g_smooth:.3g}) but raises wait for the end of warmup"
+        elif lr < RAISE_MIN_FRACTION * before:
+            why = f"room (smoothed g={g_smooth:.3g}) but the LR in force is < {RAISE_MIN_FRACTION} x peak (decay)"
+        else:
+            factor = cfg.safety / g_smooth
+            factor = min(math.sqrt(factor) if cfg.combine == "geomean" else factor, cfg.max_change)
+            target, action = before * factor, "raise"
+            why = f"smoothed g={g_smooth:.3g} < raise_below={cfg.raise_below:g}: raise x{factor:.3g}"
+    proposed = target
     lo, hi = cfg.band
     target = min(max(target, lo * offline_peak), hi * offline_peak)
-    target = min(max(target, before / cfg.max_change), before * cfg.max_change)
+    if target != proposed:
+        why += f"; clamped to band [{lo:g}, {hi:g}] x offline peak"
+    if target < floor:
+        target, why = floor, f"{why}; clamped to the schedule's floor {floor:.4g} (min_lr / init_lr)"
+    if not (math.isfinite(target) and target > 0.0):  # cannot happen with finite inputs; never apply it
+        target, why = before, f"{why}; non-finite target {target}, peak kept"
     state.peak = target
+    if target != before:
+        state.log_ema += math.log(target / before)  # the smoothed gauge follows the new LR
     state.n_accepted += 1
-    logger.info(
-        "lrscale: step %d%s: lambda_max=%.6g -> proposed %.6g, peak LR %.6g -> %.6g",
+    log = logger.warning if action == "cut" else logger.info
+    log(
+        "lrscale: step %d%s: lambda_max=%.6g at lr=%.6g: g=%.3g -> %s (%s), peak LR %.6g -> %.6g",
         step,
-        "" if group is None else f" (param group {group})",
-        est.lambda_max,
-        proposed,
+        where,
+        lam,
+        lr,
+        g,
+        action,
+        why,
         before,
         target,
     )
-    return Decision(step, group, est.lambda_max, True, None, proposed, before, target, est.n_matvec)
+    return Decision(
+        step, group, lam, True, why, proposed, before, target, est.n_matvec, lr, g, action, crossed_edge
+    )
+
+
+def warmup_points(warmup_steps: int, cfg: OnlineConfig) -> list[int]:
+    """Steps of the measurements during warmup (the last at ``warmup_steps``)."""
+    n = cfg.warmup_checks
+    if warmup_steps <= 0 or n <= 0:
+        return []
+    return sorted({max(1, round(k * warmup_steps / n)) for k in range(1, n + 1)})
 
 
 def crossed(prev_step: int, new_step: int, cfg: OnlineConfig, warmup_steps: int) -> bool:
     """Whether a measurement is due when the step moves from ``prev_step`` to ``new_step``.
 
-    Due when a multiple of ``adapt_every`` or the start step (default: end of warmup) lies in
-    ``(prev_step, new_step]`` and ``new_step >= start``. Works for increments of 1 (iterations) and of a
+    Due when a warmup check (:func:`warmup_points`), a multiple of ``adapt_every`` or ``start_step`` lies
+    in ``(prev_step, new_step]`` at or after ``start_step``. Works for increments of 1 (iterations) and of a
     batch size (Megatron-LM's samples).
     """
-    start = warmup_steps if cfg.start_step is None else cfg.start_step
-    if new_step <= prev_step or new_step < start:
+    if new_step <= prev_step:
         return False
-    if prev_step < start <= new_step:
+    start = 0 if cfg.start_step is None else cfg.start_step
+    if new_step < start:
+        return False
+    if cfg.start_step is not None and prev_step < start <= new_step:
         return True
-    return new_step // cfg.adapt_every > prev_step // cfg.adapt_every
+    m = (new_step // cfg.adapt_every) * cfg.adapt_every
+    if prev_step < m and m >= start and m > 0:
+        return True
+    return any(prev_step < p <= new_step and p >= start for p in warmup_points(warmup_steps, cfg))
 
 
 def measure_lambda_max(

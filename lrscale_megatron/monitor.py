@@ -10,7 +10,10 @@ every rank holds the same values):
     the training loop gave it (:meth:`LRScaleMonitor.log_loss`; empty otherwise).
   - ``lrscale_measurements.csv``: one row per measurement and param group (:data:`MEASURE_COLUMNS`):
     ``lambda_max``, the Lanczos ``residual`` and ``n_matvec``, ``trace`` when the estimator measured
-    one, whether the estimate was used and, if not, why (``reason``), and the peak LR before and after.
+    one, the LR in force (``lr``), the gauge ``g = lambda_max * lr / threshold`` (1 at the edge of
+    stability), what the policy did (``action``: skip / hold / cut / raise / curvature) and why
+    (``reason``), whether ``g`` crossed 1 at this measurement (``crossed_edge``), and the peak LR before
+    and after. The policy logs a warning whenever ``g`` crosses 1.
 
 * TensorBoard (``torch.utils.tensorboard.SummaryWriter`` in ``logdir``) when the ``tensorboard``
   package is importable; otherwise a single log line says it is unavailable.
@@ -18,8 +21,8 @@ every rank holds the same values):
   whose ``enabled`` is true (the config's ``tensorboard`` / ``wandb`` / ``csv_monitor`` / ``comet``).
 
 Tags are ``lrscale/lr/group{g}``, ``lrscale/loss``, ``lrscale/lambda_max`` (``.../group{g}`` in
-per-group mode), ``lrscale/residual``, ``lrscale/n_matvec``, ``lrscale/trace``, ``lrscale/peak_lr``,
-``lrscale/skipped``; x is the iteration (DeepSpeed / PyTorch) or the scheduler's step unit (samples
+per-group mode), ``lrscale/gauge``, ``lrscale/lr_in_force``, ``lrscale/residual``, ``lrscale/n_matvec``,
+``lrscale/trace``, ``lrscale/peak_lr``, ``lrscale/skipped``; x is the iteration (DeepSpeed / PyTorch) or the scheduler's step unit (samples
 under Megatron-LM).
 
 Plain PyTorch::
@@ -65,6 +68,10 @@ MEASURE_COLUMNS = (
     "n_matvec",
     "converged",
     "accepted",
+    "lr",
+    "gauge",
+    "action",
+    "crossed_edge",
     "reason",
     "proposed_lr",
     "peak_before",
@@ -206,6 +213,10 @@ class LRScaleMonitor:
                 decision.n_matvec,
                 int(bool(estimate.converged)),
                 int(decision.accepted),
+                _cell(decision.lr),
+                _cell(decision.gauge),
+                decision.action,
+                int(decision.crossed_edge),
                 _cell(decision.reason),
                 _cell(decision.proposed),
                 decision.peak_before,
@@ -217,6 +228,8 @@ class LRScaleMonitor:
         events: list[tuple[str, float, int]] = []
         for tag, value in (
             ("lambda_max", decision.lambda_max),
+            ("gauge", decision.gauge),
+            ("lr_in_force", decision.lr),
             ("residual", residual),
             ("trace", trace),
             ("n_matvec", decision.n_matvec),
@@ -228,7 +241,7 @@ class LRScaleMonitor:
                 events.append((f"lrscale/{tag}{suffix}", v, step))
         self._emit(events)
         if self._tb is not None and decision.reason:
-            self._tb.add_text(f"lrscale/skip_reason{suffix}", decision.reason, step)
+            self._tb.add_text(f"lrscale/decision{suffix}", f"{decision.action}: {decision.reason}", step)
 
     # -- lifetime
     def flush(self) -> None:

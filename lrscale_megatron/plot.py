@@ -2,7 +2,8 @@
 
 Reads the CSV files an :class:`~lrscale_megatron.monitor.LRScaleMonitor` wrote into ``LOGDIR``
 (``lrscale_steps.csv``, ``lrscale_measurements.csv``) and writes ``lrscale_lr.png``,
-``lrscale_lambda_max.png`` and ``lrscale_loss.png`` (into ``LOGDIR`` or ``--out``). Matplotlib runs
+``lrscale_lambda_max.png``, ``lrscale_loss.png`` and ``lrscale_gauge.png`` (the gauge
+``g = lambda_max * lr / threshold`` per measurement, 1 = edge of stability) into ``LOGDIR`` or ``--out``. Matplotlib runs
 with the ``Agg`` backend (no display needed).
 
     lrscale plot runs/exp1
@@ -23,7 +24,7 @@ from lrscale_megatron.monitor import GLOBAL_GROUP, MEASUREMENTS_FILE, STEPS_FILE
 
 logger = logging.getLogger(__name__)
 
-FIGURES = ("lrscale_lr.png", "lrscale_lambda_max.png", "lrscale_loss.png")
+FIGURES = ("lrscale_lr.png", "lrscale_lambda_max.png", "lrscale_loss.png", "lrscale_gauge.png")
 
 
 def _float(s: str) -> float:
@@ -51,13 +52,15 @@ def read_measurements(path: Path) -> dict[str, list[dict[str, Any]]]:
                     "lambda_max": _float(r["lambda_max"]),
                     "accepted": r["accepted"] == "1",
                     "peak_after": _float(r["peak_after"]),
+                    "gauge": _float(r.get("gauge", "")),  # absent in CSVs written before the gauge
+                    "action": r.get("action", ""),
                 }
             )
     return dict(out)
 
 
 def plot_logdir(logdir: str | Path, out: str | Path | None = None, dpi: int = 100) -> list[Path]:
-    """Write the three figures; returns their paths. Raises ``FileNotFoundError`` naming the missing CSV."""
+    """Write the four figures; returns their paths. Raises ``FileNotFoundError`` naming the missing CSV."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -122,6 +125,29 @@ def plot_logdir(logdir: str | Path, out: str | Path | None = None, dpi: int = 10
         ax.plot(*zip(*pts), lw=1.0)
     _finish(ax, "loss", "training loss", bool(pts), "no loss logged (call monitor.log_loss(loss))")
     fig.savefig(paths[2], dpi=dpi)
+    plt.close(fig)
+
+    # 4. the gauge per group, with the edge of stability (g = 1); cuts and raises marked.
+    fig, ax = plt.subplots(figsize=(7, 4))
+    has_gauge = False
+    for group, rows in sorted(meas.items()):
+        gpts = [
+            (r["step"], r["gauge"], r["action"]) for r in rows if math.isfinite(r["gauge"]) and r["gauge"] > 0
+        ]
+        if not gpts:
+            continue
+        has_gauge = True
+        name = "global" if group == GLOBAL_GROUP else f"group{group}"
+        (line,) = ax.plot([s for s, _, _ in gpts], [g for _, g, _ in gpts], "o-", label=name)
+        for mark, action in (("v", "cut"), ("^", "raise")):
+            sel = [(s, g) for s, g, a in gpts if a == action]
+            if sel:
+                ax.plot(*zip(*sel), mark, ms=9, color=line.get_color(), label=f"{name} {action}")
+    if has_gauge:
+        ax.axhline(1.0, color="red", ls="--", lw=1.0, label="edge of stability (g = 1)")
+        ax.set_yscale("log")
+    _finish(ax, "g = lambda_max * lr / threshold", "stability gauge", has_gauge, "no gauge logged")
+    fig.savefig(paths[3], dpi=dpi)
     plt.close(fig)
     logger.info("lrscale plot: wrote %s", ", ".join(str(p) for p in paths))
     return paths

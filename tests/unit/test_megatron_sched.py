@@ -71,7 +71,9 @@ def test_megatron_state_dict_round_trip_with_online():
     for _ in range(50):
         a.step(increment=32)
     sd = a.state_dict()
-    assert sd["num_steps"] == 1600 and len(sd["lrscale"]["history"]) == 6  # 64, 320, ..., 1600 samples
+    assert (
+        sd["num_steps"] == 1600 and len(sd["lrscale"]["history"]) == 7
+    )  # 32 (warmup check), 64, 320, ..., 1600
     b = lrs_mg.LRScaleParamScheduler(_opt(), cfg)
     b.attach_estimator(lambda params: 1000.0 * next(lam))
     b.load_state_dict(sd)

@@ -22,7 +22,14 @@ CONFIG = {
     "peak_lr": 0.1,
     "min_lr": 0.01,
     "warmup_steps": 4,
-    "online": {"enabled": True, "adapt_every": 5, "combine": "online", "ema": 0.0, "max_change": 10.0},
+    "online": {
+        "enabled": True,
+        "adapt_every": 5,
+        "warmup_checks": 1,
+        "combine": "online",
+        "ema": 0.0,
+        "max_change": 10.0,
+    },
 }
 
 
@@ -105,7 +112,11 @@ def test_csv_columns_and_values(tmp_path):
         assert float(r["peak_after"]) == h["peak_after"] and float(r["peak_before"]) == h["peak_before"]
     first, skipped = rows[0], rows[1]
     assert float(first["lambda_max"]) == 40.0 and float(first["residual"]) == 1e-4
-    assert float(first["trace"]) == 123.0 and first["reason"] == "" and first["converged"] == "1"
+    assert float(first["trace"]) == 123.0 and first["converged"] == "1"
+    # the gauge against the LR in force (0.1 at the end of warmup): 40 * 0.1 / 38 -> room -> raise
+    assert float(first["lr"]) == 0.1 and float(first["gauge"]) == pytest.approx(40.0 * 0.1 / 38.0)
+    assert first["action"] == "raise" and "raise_below" in first["reason"] and first["crossed_edge"] == "0"
+    assert all(r["reason"] for r in rows)  # every decision says why
     assert skipped["lambda_max"] == "nan" and skipped["accepted"] == "0" and skipped["converged"] == "0"
     assert "non-finite" in skipped["reason"] and skipped["trace"] == ""
     assert float(rows[2]["residual"]) == 2e-4 and rows[2]["trace"] == ""
@@ -120,6 +131,8 @@ def test_deepspeed_sink_and_state_dict_unchanged(tmp_path):
     assert [v for v, _ in by_tag["lrscale/lr/group0"]] == [u[0] for u in used]
     assert [v for v, _ in by_tag["lrscale/loss"]] == losses
     assert [s for _, s in by_tag["lrscale/lambda_max"]] == [4, 10, 15, 20]  # the NaN is not an event
+    assert [s for _, s in by_tag["lrscale/gauge"]] == [4, 10, 15, 20]
+    assert [v for v, _ in by_tag["lrscale/gauge"]] == [h["gauge"] for h in sched.history if h["accepted"]]
     assert [v for v, _ in by_tag["lrscale/skipped"]] == [0.0, 1.0, 0.0, 0.0, 0.0]
     assert by_tag["lrscale/trace"] == [(123.0, 4)]
     assert all(math.isfinite(v) for _, v, _ in ds.events)
@@ -159,8 +172,12 @@ def test_real_curvature_fills_n_matvec(tmp_path):
         for _ in range(6):
             sched.step()
     rows = _read(tmp_path / MEASUREMENTS_FILE)
-    assert len(rows) == 2 and int(rows[1][MEASURE_COLUMNS.index("n_matvec")]) > 0
-    assert float(rows[1][MEASURE_COLUMNS.index("lambda_max")]) > 0
+    assert len(rows) == 3  # header + the two warmup checks (steps 1 and 2; adapt_every is 1000)
+    for r in rows[1:]:
+        assert (
+            int(r[MEASURE_COLUMNS.index("n_matvec")]) > 0
+            and float(r[MEASURE_COLUMNS.index("lambda_max")]) > 0
+        )
 
 
 def test_only_rank0_writes(tmp_path):

@@ -60,8 +60,8 @@ BAD = [
     ),
     (
         {**_without(GOOD, "peak_lr"), **LAW, "model": {"params": 1e8}},
-        "scheduler.params.model",
-        "{'params': 100000000.0}",
+        "scheduler.params.model.tokens",  # names the first missing key (was: the whole model block)
+        "None",
     ),
     ({**GOOD, "peak_lr": "3e-4"}, "scheduler.params.peak_lr", "'3e-4'"),  # wrong types
     ({**GOOD, "warmup_steps": 10.5}, "scheduler.params.warmup_steps", "10.5"),
@@ -82,6 +82,12 @@ BAD = [
     ({**GOOD, "online": {"hvp": "jvp2"}}, "scheduler.params.online.hvp", "'jvp2'"),
     ({**GOOD, "online": {"tol": -1e-3}}, "scheduler.params.online.tol", "-0.001"),
     ({**GOOD, "online": {"adapt_evry": 10}}, "scheduler.params.online.adapt_evry", "10"),
+    ({**GOOD, "online": {"cut_above": 1.0}}, "scheduler.params.online.cut_above", "1.0"),
+    ({**GOOD, "online": {"raise_below": 0.6}}, "scheduler.params.online.raise_below", "0.6"),
+    ({**GOOD, "online": {"warmup_checks": -1}}, "scheduler.params.online.warmup_checks", "-1"),
+    ({**GOOD, "online": {"kappa": -1.0}}, "scheduler.params.online.kappa", "-1.0"),
+    ({**GOOD, "online": {"curvature_peak": "min"}}, "scheduler.params.online.curvature_peak", "'min'"),
+    ({**GOOD, "online": {"max_cut": float("inf")}}, "scheduler.params.online.max_cut", "inf"),
 ]
 
 
@@ -121,6 +127,19 @@ def test_good_config_round_trips():
     )
     assert cfg.online.band == (0.5, 2.0) and cfg.wsd_decay_steps == 25
     assert LRScaleConfig.from_dict(cfg.to_dict()) == cfg
+
+
+def test_direct_construction_raises_our_error_and_schema_exists():
+    from lrscale_megatron.configs.base import ConfigError
+    from lrscale_megatron.scheduler import OnlineConfig
+
+    with pytest.raises(LRScaleConfigError, match=r"^online.safety=2.0: must be in \(0, 1\]"):
+        LRScaleConfig(total_steps=10, peak_lr=1.0, online=dict(safety=2.0))
+    with pytest.raises(LRScaleConfigError, match=r"^safety=0.0"):
+        OnlineConfig(safety=0.0)
+    assert issubclass(LRScaleConfigError, ConfigError)
+    schema = LRScaleConfig.json_schema()
+    assert "total_steps" in schema["required"] and "online" in schema["properties"]
 
 
 def test_deepspeed_factory_validates_like_the_config():
