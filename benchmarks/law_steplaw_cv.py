@@ -74,7 +74,9 @@ def main() -> None:
         f"| {'law (eta* extraction + regressor [predictors])':66s} | mean | median | p90 | max | mean, interior optima only | MAE log LR |"
     )
     print(f"|{'-' * 68}|------|--------|-----|-----|-----|-----|")
-    print(f"nested selection chose, per outer fold: {[f'{p.method}+{p.regressor}' for p in picks]} ({chosen})")
+    print(
+        f"nested selection chose, per outer fold: {[f'{p.method}+{p.regressor}' for p in picks]} ({chosen})"
+    )
     for name, s, si in rows:
         print(
             f"| {name:66s} | {s.mean:.3f} | {s.median:.3f} | {s.p90:.3f} | {s.max:.2f} | {si.mean:.3f} (n={si.n}) | {s.mae_log_lr:.3f} |"

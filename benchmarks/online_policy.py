@@ -1,0 +1,328 @@
+"""Does online adaptation (the gauge policy) earn its keep? Rescue, no harm, too low, spike, kappa/lambda.
+
+    python benchmarks/online_policy.py configs/compare/online-bench.json --json out/online-policy.json
+    python benchmarks/online_policy.py configs/compare/online-bench.json --cases grid rescue noharm
+    python benchmarks/online_policy.py configs/compare/online-bench.json --quick     # smoke: 1 seed, 12 its
+
+One process, CPU. Every run is one :func:`lrscale_megatron.train.train` call through ``lrscale compare``'s
+runner (``run_one``), so runs are cached under ``<output_dir>/runs/`` by the hash of their full train config
+and a rerun only trains what is missing. Cases (``--cases``), each over the config's seeds:
+
+* ``grid``: cosine (DeepSpeed WarmupCosineLR) at each ``grid.lrs``: the grid's best peak ``best`` and its mean
+  final validation loss ``L*`` (every other case needs it);
+* ``rescue``: LRScale offline and online at ``4 x best`` and ``10 x best`` (target: online within 2 % of ``L*``,
+  offline not);
+* ``noharm``: offline and online at ``best`` (target: online within 1 % of offline);
+* ``toolow``: offline and online with ``combine="max"`` (rising allowed) at ``best / 4``: reported;
+* ``spike``: the gauge in monitor-only mode (``cut_above`` = 1e12: measures, never acts) at ``10 x`` and
+  ``30 x best``, measuring every 5 iterations: the first step where ``g > 1`` against the first loss spike
+  (train loss > 1.2 x its running minimum after warmup);
+* ``kappa``: the curvature predictor. Proxy ladder: the train model at widths 32 and 48 (the target is
+  the config's model), a 4-point cosine grid each (seed 0) in monitor-only online mode, so every run records
+  the preconditioned lambda_max at the end of warmup; ``kappa = calibrate_kappa`` over (each proxy's lambda
+  at its own optimal LR, that LR). On the target: lambda at the end of warmup of a monitor-only run at the
+  law's peak gives ``eta_curv = kappa / lambda``; regret (final loss / ``L*`` - 1) of the law's peak alone,
+  of ``eta_curv`` and of ``max(eta_pred, eta_curv)`` (offline runs at each), and of the scheduler option
+  (``online.kappa``, gauge policy on).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import math
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+MONITOR_ONLY = {"cut_above": 1e12, "combine": "min"}
+
+
+def _uptime() -> str:
+    try:
+        return subprocess.run(["uptime"], capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unavailable"
+
+
+class Bench:
+    """Runs (cached) and summaries for one compare config."""
+
+    def __init__(self, cfg: Any, force: bool = False) -> None:
+        self.cfg = cfg
+        self.runs_dir = Path(cfg.output_dir) / "runs"
+        self.force = force
+        self.trained = 0
+
+    def variant(
+        self, online: dict[str, Any] | None = None, overrides: tuple[str, ...] = (), **lrscale: Any
+    ) -> Any:
+        from lrscale_megatron.compare.config import LRScaleArmConfig
+
+        base = self.cfg.lrscale
+        on = {**base.online, **(online or {})}
+        arm = LRScaleArmConfig(
+            law=None, peak_lr=lrscale.get("peak_lr", 1e-3), decay_style=base.decay_style, online=on
+        )
+        return dataclasses.replace(
+            self.cfg, lrscale=arm, overrides=tuple(self.cfg.overrides) + tuple(overrides)
+        )
+
+    def run(
+        self,
+        schedule: str,
+        peak: float,
+        seed: int,
+        online: dict[str, Any] | None = None,
+        overrides: tuple[str, ...] = (),
+    ) -> dict[str, Any]:
+        from lrscale_megatron.compare.arms import RunSpec
+        from lrscale_megatron.compare.runner import run_one
+
+        cfg = self.variant(online, overrides, peak_lr=peak)
+        t0 = time.perf_counter()
+        res, trained = run_one(cfg, RunSpec(schedule, float(peak), seed), self.runs_dir, force=self.force)
+        self.trained += int(trained)
+        logging.info(
+            "%s lr=%.4g seed=%d online=%s overrides=%s: final val %.4f (%s, %.0f s)",
+            schedule,
+            peak,
+            seed,
+            online,
+            list(overrides),
+            res["final_val_loss"],
+            "trained" if trained else "cached",
+            time.perf_counter() - t0,
+        )
+        return res
+
+    def seeds(self, schedule: str, peak: float, **kw: Any) -> list[dict[str, Any]]:
+        return [self.run(schedule, peak, s, **kw) for s in self.cfg.seeds]
+
+
+def _final(rs: list[dict[str, Any]]) -> dict[str, Any]:
+    v = [float(r["final_val_loss"]) for r in rs]
+    return {"mean": statistics.fmean(v), "per_seed": v}
+
+
+def _decisions(r: dict[str, Any]) -> list[dict[str, Any]]:
+    keys = ("step", "lr", "lambda_max", "gauge", "action", "peak_after")
+    return [{k: a.get(k) for k in keys} for a in r.get("adaptations", [])]
+
+
+def case_grid(b: Bench) -> dict[str, Any]:
+    by_lr = {lr: _final(b.seeds("cosine", lr)) for lr in b.cfg.grid.lrs}
+    best = min(by_lr, key=lambda lr: by_lr[lr]["mean"])
+    return {
+        "by_lr": {f"{lr:g}": v for lr, v in by_lr.items()},
+        "best_lr": best,
+        "best_loss": by_lr[best]["mean"],
+    }
+
+
+def _pair(b: Bench, peak: float, best_loss: float, online: dict[str, Any] | None = None) -> dict[str, Any]:
+    off, on = b.seeds("lrscale", peak), b.seeds("lrscale_online", peak, online=online)
+    fo, fn = _final(off), _final(on)
+    return {
+        "peak": peak,
+        "offline": fo,
+        "online": fn,
+        "offline_over_best": fo["mean"] / best_loss,
+        "online_over_best": fn["mean"] / best_loss,
+        "online_over_offline": fn["mean"] / fo["mean"],
+        "online_decisions": [_decisions(r) for r in on],
+        "online_final_peak": [(r["adaptations"] or [{}])[-1].get("peak_after") for r in on],
+    }
+
+
+def case_rescue(b: Bench, grid: dict[str, Any]) -> dict[str, Any]:
+    out = {}
+    for m in (4, 10):
+        p = _pair(b, m * grid["best_lr"], grid["best_loss"])
+        p["online_within_2pct_of_best"] = p["online_over_best"] <= 1.02
+        p["offline_within_2pct_of_best"] = p["offline_over_best"] <= 1.02
+        out[f"x{m}"] = p
+    return out
+
+
+def case_noharm(b: Bench, grid: dict[str, Any]) -> dict[str, Any]:
+    p = _pair(b, grid["best_lr"], grid["best_loss"])
+    p["online_within_1pct_of_offline"] = p["online_over_offline"] <= 1.01
+    return p
+
+
+def case_toolow(b: Bench, grid: dict[str, Any]) -> dict[str, Any]:
+    return _pair(b, grid["best_lr"] / 4, grid["best_loss"], online={"combine": "max"})
+
+
+def _first_spike(history: list[dict[str, Any]], after: int, factor: float = 1.2) -> int | None:
+    lo = math.inf
+    for r in history:
+        loss = float(r["train_loss"])
+        if r["step"] > after and (not math.isfinite(loss) or loss > factor * lo):
+            return int(r["step"])
+        lo = min(lo, loss) if math.isfinite(loss) else lo
+    return None
+
+
+def case_spike(b: Bench, grid: dict[str, Any]) -> dict[str, Any]:
+    warm = int(_train_value(b.cfg, "training.warmup_steps"))
+    out = {}
+    for m in (10, 30):
+        rows = []
+        for r in b.seeds("lrscale_online", m * grid["best_lr"], online={**MONITOR_ONLY, "adapt_every": 5}):
+            dec = _decisions(r)
+            crossed = next((d["step"] for d in dec if d["gauge"] is not None and d["gauge"] > 1.0), None)
+            spike = _first_spike(r["history"], after=warm)
+            rows.append(
+                {
+                    "first_g_above_1": crossed,
+                    "first_loss_spike": spike,
+                    "final_val": r["final_val_loss"],
+                    "gauges": [(d["step"], d["gauge"]) for d in dec],
+                }
+            )
+        out[f"x{m}"] = rows
+    return out
+
+
+def _train_value(cfg: Any, key: str) -> Any:
+    from lrscale_megatron.compare.arms import base_train_raw
+
+    raw, _ = base_train_raw(cfg)
+    cur: Any = raw
+    for k in key.split("."):
+        cur = cur[k]
+    return cur
+
+
+def _lambda_after_warmup(r: dict[str, Any], warm: int) -> float | None:
+    for a in r.get("adaptations", []):
+        if a["step"] >= warm and a.get("accepted"):
+            return float(a["lambda_max"])
+    return None
+
+
+def case_kappa(b: Bench, grid: dict[str, Any], law: str) -> dict[str, Any]:
+    from lrscale_megatron.compare.arms import offline_peak
+    from lrscale_megatron.curvature_peak import calibrate_kappa
+
+    warm = int(_train_value(b.cfg, "training.warmup_steps"))
+    width = int(_train_value(b.cfg, "model.hidden_size"))
+    ladder = []
+    for w in (32, 48):
+        ov = (f"model.hidden_size={w}",)
+        runs = {
+            lr: b.run("lrscale_online", lr, 0, online=MONITOR_ONLY, overrides=ov) for lr in b.cfg.grid.lrs
+        }
+        best = min(runs, key=lambda lr: runs[lr]["final_val_loss"])
+        lam = _lambda_after_warmup(runs[best], warm)
+        ladder.append(
+            {
+                "width": w,
+                "eta_opt": best,
+                "lambda_at_opt": lam,
+                "final_by_lr": {f"{lr:g}": runs[lr]["final_val_loss"] for lr in runs},
+            }
+        )
+    fit = calibrate_kappa([(x["lambda_at_opt"], x["eta_opt"]) for x in ladder])
+    law_cfg = dataclasses.replace(b.cfg, lrscale=dataclasses.replace(b.cfg.lrscale, law=law, peak_lr=None))
+    eta_pred = offline_peak(law_cfg).peak_lr
+    probe = b.seeds("lrscale_online", eta_pred, online=MONITOR_ONLY)
+    lams = [_lambda_after_warmup(r, warm) for r in probe]
+    lam_t = statistics.fmean([x for x in lams if x])
+    eta_curv = fit.kappa / lam_t
+    best_loss = grid["best_loss"]
+    res = {
+        "target_width": width,
+        "ladder": ladder,
+        "kappa": fit.kappa,
+        "kappa_spread": fit.spread,
+        "law": law,
+        "eta_pred": eta_pred,
+        "target_lambda_after_warmup": lams,
+        "eta_curv": eta_curv,
+        "eta_max": max(eta_pred, eta_curv),
+        "grid_best_lr": grid["best_lr"],
+    }
+    for name, peak in (("law", eta_pred), ("curv", eta_curv), ("max", max(eta_pred, eta_curv))):
+        f = _final(b.seeds("lrscale", peak))
+        res[f"regret_{name}"] = f["mean"] / best_loss - 1
+        res[f"final_{name}"] = f
+    sched = _final(b.seeds("lrscale_online", eta_pred, online={"kappa": fit.kappa, "combine": "max"}))
+    res["regret_scheduler_kappa_option"] = sched["mean"] / best_loss - 1
+    res["final_scheduler_kappa_option"] = sched
+    return res
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("config")
+    ap.add_argument("--cases", nargs="+", default=["grid", "rescue", "noharm", "toolow", "spike", "kappa"])
+    ap.add_argument("--law", default="steplaw-dense", help="law of eta_pred for the kappa case")
+    ap.add_argument("--json", default=None)
+    ap.add_argument("--force", action="store_true")
+    ap.add_argument(
+        "--quick", action="store_true", help="smoke run: 1 seed, 12 iterations, grid only + noharm"
+    )
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    for name in ("lrscale_megatron", "deepspeed", "megatron"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    from lrscale_megatron.compare.config import load_compare_config
+    from lrscale_megatron.launch import shutdown
+
+    sets: list[str] = []
+    if args.quick:
+        ov = '["training.micro_batch_size=8","training.warmup_steps=4","training.eval_batches=1"]'
+        sets = ["steps=12", "seeds=[0]", "eval_every=4", 'output_dir="out/compare/online-bench-quick"']
+        sets.append(f"overrides={ov}")
+    cfg = load_compare_config(args.config, sets)
+    if args.quick:
+        args.cases = ["grid", "noharm"]
+    b = Bench(cfg, force=args.force)
+    out: dict[str, Any] = {
+        "config": args.config,
+        "load_before": _uptime(),
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+    }
+    t0 = time.perf_counter()
+    try:
+        grid = case_grid(b)
+        out["grid"] = grid
+        for c in args.cases:
+            if c == "rescue":
+                out["rescue"] = case_rescue(b, grid)
+            elif c == "noharm":
+                out["noharm"] = case_noharm(b, grid)
+            elif c == "toolow":
+                out["toolow"] = case_toolow(b, grid)
+            elif c == "spike":
+                out["spike"] = case_spike(b, grid)
+            elif c == "kappa":
+                out["kappa"] = case_kappa(b, grid, args.law)
+            if args.json:
+                Path(args.json).write_text(json.dumps(out, indent=1, default=str))
+    finally:
+        shutdown()
+    out.update(
+        load_after=_uptime(),
+        wall_s=time.perf_counter() - t0,
+        trained=b.trained,
+        command=" ".join([os.path.relpath(sys.argv[0]), *sys.argv[1:]]) if argv is None else str(argv),
+    )
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(out, indent=1, default=str))
+    print(json.dumps({k: v for k, v in out.items() if k not in ("spike",)}, indent=1, default=str)[:6000])
+    return out
+
+
+if __name__ == "__main__":
+    main()
