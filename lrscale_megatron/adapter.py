@@ -21,7 +21,9 @@ Decisions (one per measurement and param group, each logged with its reason):
   its peak, when the smoothed gauge is below ``raise_below``: towards ``g = safety``, at most ``max_change``;
 * **hold** otherwise;
 
-then the peak is clamped to ``band`` x the offline peak. A warning is logged when ``g`` crosses 1.
+then the peak is clamped to ``band`` x the offline peak. The peak scales the whole schedule (``min_lr`` and
+``init_lr`` scale with it, :meth:`~lrscale_megatron.lrscale_core.LRScaleCore.schedule_scale`), so the LR in
+force after a change of the peak by ``r`` is ``r`` times what it was. A warning is logged when ``g`` crosses 1.
 Everything here is pure (no ``torch.distributed``); the only call into the curvature core is
 :func:`measure_lambda_max`, so the policy is testable with an injected estimator.
 """
@@ -151,12 +153,8 @@ def adapt(
     group: int | None,
     lr: float,
     warmup_done: bool = True,
-    floor: float = 0.0,
 ) -> Decision:
-    """Update ``state`` in place from one estimate taken while the LR in force was ``lr``; see the module.
-
-    ``floor`` is the schedule's own floor (``max(min_lr, init_lr)``): the peak is never cut below it.
-    """
+    """Update ``state`` in place from one estimate taken while the LR in force was ``lr``; see the module."""
     before = state.peak
     where = "" if group is None else f" (param group {group})"
     reason = skip_reason(est)
@@ -222,8 +220,6 @@ def adapt(
     target = min(max(target, lo * offline_peak), hi * offline_peak)
     if target != proposed:
         why += f"; clamped to band [{lo:g}, {hi:g}] x offline peak"
-    if target < floor:
-        target, why = floor, f"{why}; clamped to the schedule's floor {floor:.4g} (min_lr / init_lr)"
     if not (math.isfinite(target) and target > 0.0):  # cannot happen with finite inputs; never apply it
         target, why = before, f"{why}; non-finite target {target}, peak kept"
     state.peak = target

@@ -67,13 +67,19 @@ class LRScaleCore:
             return p
         return ref if p == self.offline_peak else ref * (p / self.offline_peak)
 
-    def _lr_for(self, peak: float, ratio: float, step: int) -> float:
+    def schedule_scale(self, group: int) -> float:
+        """Adapted peak / offline peak of ``group`` (1.0 until online mode moves it). An adaptation scales
+        the whole schedule, ``lr(t) = f(t) * peak``: ``min_lr`` and ``init_lr`` scale with the peak."""
+        return self.peak(group) / self.reference_peaks[group]
+
+    def _lr_for(self, peak: float, scale: float, step: int) -> float:
+        """``scale`` multiplies ``min_lr`` and ``init_lr`` (user group ratio x adaptation; 1.0 exact)."""
         c = self.config
         return lr_at(
             step,
             peak_lr=peak,
-            min_lr=c.min_lr if ratio == 1.0 else c.min_lr * ratio,
-            init_lr=c.init_lr if ratio == 1.0 else c.init_lr * ratio,
+            min_lr=c.min_lr if scale == 1.0 else c.min_lr * scale,
+            init_lr=c.init_lr if scale == 1.0 else c.init_lr * scale,
             warmup_steps=c.warmup_steps,
             total_steps=c.total_steps,
             decay_style=c.decay_style,
@@ -83,20 +89,15 @@ class LRScaleCore:
 
     def lr(self, group: int, step: int | None = None) -> float:
         """LR of group ``group`` at ``step`` (default: now) under the current peak."""
-        return self._lr_for(
-            self.peak(group), self.group_ratios[group], self.num_steps if step is None else step
-        )
+        scale = self.group_ratios[group] * self.schedule_scale(group)
+        return self._lr_for(self.peak(group), scale, self.num_steps if step is None else step)
 
     def lr_in_force(self, state_index: int) -> float:
         """The LR the gauge of ``states[state_index]`` reads: its group's LR now (global mode: ratio 1)."""
         if self.config.online.per_group:
             return self.lr(state_index)
-        return self._lr_for(self.states[0].peak, 1.0, self.num_steps)
-
-    def _floor(self, state_index: int) -> float:
-        """The lowest peak of ``states[state_index]``: its group's ``max(min_lr, init_lr)`` (global: ratio 1)."""
-        r = self.group_ratios[state_index] if self.config.online.per_group else 1.0
-        return max(self.config.min_lr, self.config.init_lr) * r
+        p = self.states[0].peak
+        return self._lr_for(p, p / self.offline_peak, self.num_steps)
 
     # -- online adaptation
     def set_estimator(
@@ -159,7 +160,6 @@ class LRScaleCore:
                 group=i if on.per_group else None,
                 lr=self.lr_in_force(i),
                 warmup_done=warmup_done,
-                floor=self._floor(i),
             )
             measured.append((d, est))
         self.history.extend(d.to_dict() for d, _ in measured)

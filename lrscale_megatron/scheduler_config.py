@@ -126,7 +126,7 @@ class OnlineConfig(_Model):
     """``(low, high)`` multipliers of the offline peak that bound the adapted peak."""
     max_change: float = 2.0
     """Largest factor (> 1) by which one measurement may raise the peak."""
-    max_cut: float = 100.0
+    max_cut: float = 10.0
     """Largest factor (> 1) by which one measurement may cut the peak."""
     per_group: bool = False
     """Each optimizer param group gets its own measurement, gauge and peak (per-layer: a group per layer)."""

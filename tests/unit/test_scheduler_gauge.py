@@ -168,3 +168,22 @@ def test_resume_mid_run_reproduces_the_decisions_bitwise(style):
     assert run(model2, opt2, sched2, 500, TOTAL) == reference  # bitwise
     assert repr(sched2.history) == repr(sched.history)  # repr: exact floats, and NaN equals NaN
     assert sched2.core.states == sched.core.states
+
+
+@pytest.mark.parametrize("style", STYLES)
+def test_a_cut_scales_the_whole_schedule(style):
+    """lr(t) = f(t) * peak: after a cut by r the LR in force is r x the offline schedule, floor included."""
+    cfg = _cfg(style)
+    sched = _sched(cfg)
+    lam = 4.0 * cfg.online.threshold / _offline(cfg, WARMUP // 2)  # g = 4 at the first check, then <= 1
+    sched.attach_estimator(lambda params: lam)
+    lrs = []
+    for _ in range(TOTAL + 20):
+        sched.step()
+        lrs.append(sched.optimizer.param_groups[0]["lr"])
+    assert [h["action"] for h in sched.history][:2] == ["cut", "hold"]
+    assert all(h["action"] == "hold" for h in sched.history[1:])
+    r = sched.history[0]["peak_after"] / PEAK
+    assert r == pytest.approx(0.5 / 4.0)
+    after = range(WARMUP // 2, TOTAL + 20)
+    assert [lrs[i - 1] for i in after] == pytest.approx([r * _offline(cfg, i) for i in after], rel=1e-12)
