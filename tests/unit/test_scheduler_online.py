@@ -221,7 +221,15 @@ def test_real_hessian_operator_gauge_cuts_a_divergent_lr():
     model = Quadratic()
     sched = LRScaleScheduler(
         torch.optim.SGD(model.parameters(), lr=2.0),
-        _online_cfg(peak=2.0, rule="inverse", eta_base=2.0, precondition=False, combine="min"),
+        _online_cfg(
+            peak=2.0,
+            rule="inverse",
+            eta_base=2.0,
+            precondition=False,
+            combine="min",
+            tol=1e-8,
+            warmup_tol=1e-8,
+        ),
     )
     sched.attach_curvature(model, quad_loss, a)
     _train(sched, model, a, 10)  # the cut happens at the end of warmup (step 5)
