@@ -17,6 +17,8 @@ and a rerun only trains what is missing. Cases (``--cases``), each over the conf
 * ``spike``: the gauge in monitor-only mode (``cut_above`` = 1e12: measures, never acts) at ``10 x`` and
   ``30 x best``, measuring every 5 iterations: the first step where ``g > 1`` against the first loss spike
   (train loss > 1.2 x its running minimum after warmup);
+* ``demo``: the config's own LRScale arms (its law's peak and online block), e.g. ``configs/compare/cpu-demo.json``:
+  online vs offline final loss, and the online arm's wall-clock overhead;
 * ``kappa``: the curvature predictor. Proxy ladder: the train model at widths 32 and 48 (the target is
   the config's model), a 4-point cosine grid each (seed 0) in monitor-only online mode, so every run records
   the preconditioned lambda_max at the end of warmup; ``kappa = calibrate_kappa`` over (each proxy's lambda
@@ -261,6 +263,28 @@ def case_kappa(b: Bench, grid: dict[str, Any], law: str) -> dict[str, Any]:
     return res
 
 
+def case_demo(b: Bench) -> dict[str, Any]:
+    """The config's own LRScale arms (law peak, its online block): online vs offline, and the online
+    arm's wall-clock overhead (paired totals and the measurement steps' excess, as the compare report)."""
+    from lrscale_megatron.compare.arms import offline_peak
+    from lrscale_megatron.compare.metrics import measurement_overhead
+
+    peak = offline_peak(b.cfg).peak_lr
+    off, on = b.seeds("lrscale", peak), b.seeds("lrscale_online", peak)
+    fo, fn = _final(off), _final(on)
+    return {
+        "peak": peak,
+        "online_block": dict(b.cfg.lrscale.online),
+        "offline": fo,
+        "online": fn,
+        "online_over_offline": fn["mean"] / fo["mean"],
+        "online_within_1pct_of_offline": fn["mean"] / fo["mean"] <= 1.01,
+        "paired_wall_overhead": [o["wall_s"] / f["wall_s"] - 1 for o, f in zip(on, off)],
+        "measured_steps_overhead": [measurement_overhead(o["history"]) for o in on],
+        "online_decisions": [_decisions(r) for r in on],
+    }
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("config")
@@ -294,10 +318,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     }
     t0 = time.perf_counter()
     try:
-        grid = case_grid(b)
-        out["grid"] = grid
+        grid: dict[str, Any] = {}
+        if any(c != "demo" for c in args.cases):
+            grid = out["grid"] = case_grid(b)
         for c in args.cases:
-            if c == "rescue":
+            if c == "demo":
+                out["demo"] = case_demo(b)
+            elif c == "rescue":
                 out["rescue"] = case_rescue(b, grid)
             elif c == "noharm":
                 out["noharm"] = case_noharm(b, grid)

@@ -16,7 +16,10 @@ Decisions (one per measurement and param group, each logged with its reason):
   the peak is kept;
 * **curvature** (only with ``kappa``, once, at the first measurement at or after the end of warmup): the
   peak becomes ``max(offline, kappa / lambda)`` (or ``kappa / lambda``) and then goes through the cut test;
-* **cut** when ``g > cut_above``: the peak is scaled so that ``g`` becomes ``safety`` (at most ``max_cut``);
+* **cut** when ``g > cut_above``: the peak is scaled so that ``g`` becomes ``safety`` (at most ``max_cut``).
+  With ``confirm_cuts`` (default) a cut needs the previous measurement at or above the edge too (or none
+  before it): otherwise the action is **confirm** and the core re-measures at the next step, because at the
+  edge of stability the sharpness oscillates and a single sample far beyond it is not an instability;
 * **raise**, only where ``combine`` lets the peak rise, after warmup, while the schedule is at >= half
   its peak, when the smoothed gauge is below ``raise_below``: towards ``g = safety``, at most ``max_change``;
 * **hold** otherwise;
@@ -83,7 +86,8 @@ class AdapterState:
     """Policy state of one adapted peak (one per param group in per-group mode); plain data for checkpoints.
 
     ``log_ema`` is the smoothed log-gauge (rescaled whenever the peak moves), ``last_gauge`` the previous
-    measurement's gauge (for the crossing warning), ``curvature_done`` whether the ``kappa`` peak was set.
+    measurement's gauge (crossing warning, cut confirmation), ``curvature_done`` whether the ``kappa`` peak
+    was set, ``confirm_pending`` whether a re-measurement is due at the next step.
     """
 
     peak: float
@@ -92,6 +96,7 @@ class AdapterState:
     n_accepted: int = 0
     n_skipped: int = 0
     curvature_done: bool = False
+    confirm_pending: bool = False
 
 
 @dataclass(frozen=True)
@@ -99,7 +104,7 @@ class Decision:
     """What one measurement did; the scheduler's ``history`` entries are these, as dicts.
 
     ``lr`` is the LR in force when measured, ``gauge`` = ``lambda_max * lr / threshold``, ``action`` one of
-    ``skip | hold | cut | raise | curvature``, ``reason`` says why (always set), ``proposed`` is the peak
+    ``skip | hold | confirm | cut | raise | curvature``, ``reason`` says why (always set), ``proposed`` is the peak
     the rule asked for before ``band`` clamping.
     """
 
@@ -185,7 +190,9 @@ def adapt(
             lam,
             lr,
         )
-    state.last_gauge = g
+    prev_gauge, state.last_gauge = state.last_gauge, g
+    confirmed = prev_gauge is None or prev_gauge > 1.0 or not cfg.confirm_cuts
+    state.confirm_pending = False
     state.log_ema = (
         math.log(g) if state.log_ema is None else cfg.ema * state.log_ema + (1 - cfg.ema) * math.log(g)
     )
@@ -199,7 +206,14 @@ def adapt(
         action = "curvature"
         why = f"curvature peak kappa/lambda={eta_curv:.4g} ({cfg.curvature_peak} with offline {offline_peak:.4g})"
     g_new = g * target / before
-    if g_new > cfg.cut_above:
+    if g_new > cfg.cut_above and not confirmed and action == "hold":
+        state.confirm_pending = True
+        action = "confirm"
+        why = (
+            f"g={g_new:.3g} > cut_above={cfg.cut_above:g} after g={prev_gauge:.3g} <= 1: one sample beyond the "
+            "edge (sharpness oscillates there at the edge of stability); re-measuring at the next step"
+        )
+    elif g_new > cfg.cut_above:
         target = max(target * cfg.safety / g_new, before / cfg.max_cut)
         action = "cut"
         why = f"g={g_new:.3g} > cut_above={cfg.cut_above:g}: cut towards g={cfg.safety:g}"

@@ -128,7 +128,8 @@ class LRScaleCore:
         prev = self.num_steps
         self.num_steps += increment
         on = self.config.online
-        if on.enabled and crossed(prev, self.num_steps, on, self.config.warmup_steps):
+        due = crossed(prev, self.num_steps, on, self.config.warmup_steps)
+        if on.enabled and (due or any(st.confirm_pending for st in self.states)):
             self.adapt_now()
 
     def adapt_now(self) -> None:

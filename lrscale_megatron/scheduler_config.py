@@ -126,6 +126,8 @@ class OnlineConfig(_Model):
     """``(low, high)`` multipliers of the offline peak that bound the adapted peak."""
     max_change: float = 2.0
     """Largest factor (> 1) by which one measurement may raise the peak."""
+    confirm_cuts: bool = True
+    """After a measurement at ``g <= 1``, a sample above ``cut_above`` is re-measured at the next step first."""
     max_cut: float = 10.0
     """Largest factor (> 1) by which one measurement may cut the peak."""
     per_group: bool = False

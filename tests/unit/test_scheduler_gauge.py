@@ -157,7 +157,7 @@ def test_resume_mid_run_reproduces_the_decisions_bitwise(style):
     torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict()}, buf)
     reference = run(model, opt, sched, 500, TOTAL)
     actions = {h["action"] for h in sched.history}
-    assert {"cut", "raise", "hold", "skip"} <= actions, actions  # every branch was exercised
+    assert {"cut", "confirm", "raise", "hold", "skip"} <= actions, actions  # every branch was exercised
 
     buf.seek(0)
     ckpt = torch.load(buf, weights_only=False)

@@ -82,6 +82,36 @@ def test_hold_at_the_edge_cut_above_it():
     assert d.gauge == pytest.approx(3.0) and d.lr == 0.5
 
 
+def test_a_lone_spike_is_confirmed_before_a_cut():
+    st = AdapterState(peak=1.0)
+    _adapt(st, 0.5 * THR, lr=1.0)
+    d = _adapt(st, 5.0 * THR, lr=1.0)  # one sample far beyond the edge after one below it
+    assert d.action == "confirm" and st.confirm_pending and st.peak == 1.0 and "re-measuring" in d.reason
+    d = _adapt(st, 0.6 * THR, lr=1.0)  # the re-measurement is back below: hold
+    assert d.action == "hold" and not st.confirm_pending and st.peak == 1.0
+    _adapt(st, 5.0 * THR, lr=1.0)
+    d = _adapt(st, 5.0 * THR, lr=1.0)  # confirmed: cut
+    assert d.action == "cut" and st.peak == pytest.approx(0.1) and not st.confirm_pending
+    st = AdapterState(peak=1.0, last_gauge=0.5)
+    assert _adapt(st, 5.0 * THR, lr=1.0, cfg=OnlineConfig(confirm_cuts=False)).action == "cut"
+
+
+def test_the_scheduler_remeasures_at_the_next_step_to_confirm():
+    sched = LRScaleScheduler(torch.optim.SGD(Quadratic().parameters(), lr=1.0), _online_cfg(combine="min"))
+    gauges = iter([0.5, 0.5, 5.0, 5.0, 1.0, 1.0, 1.0])  # steps 2, 5 (warmup), 10, 11 (re-measure), 20, ...
+    sched.attach_estimator(lambda params: next(gauges) * THR / sched.core.lr_in_force(0))
+    for _ in range(30):
+        sched.step()
+    assert [(h["step"], h["action"]) for h in sched.history] == [
+        (2, "hold"),
+        (5, "hold"),
+        (10, "confirm"),
+        (11, "cut"),
+        (20, "hold"),
+        (30, "hold"),
+    ]
+
+
 def test_cut_is_limited_by_max_cut_and_band():
     st = AdapterState(peak=1.0)
     _adapt(st, 1000.0 * THR, lr=1.0, cfg=OnlineConfig(max_cut=10.0))
