@@ -237,11 +237,10 @@ def case_kappa(b: Bench, grid: dict[str, Any], law: str) -> dict[str, Any]:
     law_cfg = dataclasses.replace(b.cfg, lrscale=dataclasses.replace(b.cfg.lrscale, law=law, peak_lr=None))
     eta_pred = offline_peak(law_cfg).peak_lr
     probe = b.seeds("lrscale_online", eta_pred, online=MONITOR_ONLY)
-    lams = [_lambda_after_warmup(r, warm) for r in probe]
-    lam_t = statistics.fmean([x for x in lams if x])
-    eta_curv = fit.kappa / lam_t
+    lams = [_lambda_after_warmup(r, warm) for r in probe]  # per seed: one run measures one lambda
+    curv = [fit.kappa / lam if lam else math.nan for lam in lams]
     best_loss = grid["best_loss"]
-    res = {
+    res: dict[str, Any] = {
         "target_width": width,
         "ladder": ladder,
         "kappa": fit.kappa,
@@ -249,15 +248,17 @@ def case_kappa(b: Bench, grid: dict[str, Any], law: str) -> dict[str, Any]:
         "law": law,
         "eta_pred": eta_pred,
         "target_lambda_after_warmup": lams,
-        "eta_curv": eta_curv,
-        "eta_max": max(eta_pred, eta_curv),
+        "eta_curv": curv,
+        "eta_max": [max(eta_pred, c) for c in curv],
         "grid_best_lr": grid["best_lr"],
     }
-    for name, peak in (("law", eta_pred), ("curv", eta_curv), ("max", max(eta_pred, eta_curv))):
-        f = _final(b.seeds("lrscale", peak))
+    for name, peaks in (("law", [eta_pred] * len(curv)), ("curv", curv), ("max", res["eta_max"])):
+        f = _final([b.run("lrscale", p, s) for p, s in zip(peaks, b.cfg.seeds)])
         res[f"regret_{name}"] = f["mean"] / best_loss - 1
         res[f"final_{name}"] = f
-    sched = _final(b.seeds("lrscale_online", eta_pred, online={"kappa": fit.kappa, "combine": "max"}))
+    opt = b.seeds("lrscale_online", eta_pred, online={"kappa": fit.kappa, "combine": "max"})
+    sched = _final(opt)
+    res["scheduler_kappa_option_decisions"] = [_decisions(r) for r in opt]
     res["regret_scheduler_kappa_option"] = sched["mean"] / best_loss - 1
     res["final_scheduler_kappa_option"] = sched
     return res
