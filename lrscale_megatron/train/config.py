@@ -59,6 +59,13 @@ __all__ = [
 ]
 
 
+def _path_or_object(schema: dict[str, Any]) -> None:
+    """In the file, ``deepspeed`` is a JSON path or an inline object (the model holds the loaded object)."""
+    schema.pop("type", None)
+    schema.pop("additionalProperties", None)
+    schema["anyOf"] = [{"type": "string"}, {"type": "object"}]
+
+
 class TrainConfig(ConfigModel):
     """The whole pretraining job: five sections and the DeepSpeed JSON (loaded, ``"auto"`` not yet
     filled). ``source`` (the file it came from) is kept beside the fields, not in them."""
@@ -73,7 +80,7 @@ class TrainConfig(ConfigModel):
     """Steps, batch sizes, LR, dtype, evaluation and logging."""
     checkpoint: CheckpointConfig = CheckpointConfig()
     """Saving and resuming."""
-    deepspeed: dict[str, Any] = Field(default_factory=dict)
+    deepspeed: dict[str, Any] = Field(default_factory=dict, json_schema_extra=_path_or_object)
     """The DeepSpeed JSON (a path relative to the config file, or inline): optimizer, ZeRO, precision,
     scheduler."""
     _source: str = PrivateAttr("<dict>")
