@@ -26,7 +26,6 @@ derived here; a number in the DeepSpeed JSON that disagrees is an error naming b
 from __future__ import annotations
 
 import copy
-import json
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -34,6 +33,8 @@ from typing import Any
 from pydantic import Field, PrivateAttr, model_validator
 
 from lrscale_megatron.configs.base import ConfigError, ConfigModel, strip_comments
+from lrscale_megatron.configs.files import apply_overrides as _apply_overrides
+from lrscale_megatron.configs.files import read_json_file
 from lrscale_megatron.train.sections import (
     DTYPES,
     CheckpointConfig,
@@ -224,59 +225,35 @@ def config_from_dict(
 
 
 def load_deepspeed_json(path: str, base_dir: str | Path | None = None) -> dict[str, Any]:
+    """The DeepSpeed JSON at ``path`` (relative to ``base_dir``, else to the working directory), ``_``-keys
+    dropped."""
     p = Path(path)
     candidates = [p] if p.is_absolute() else [Path(base_dir or ".") / p, Path.cwd() / p]
-    for c in candidates:
-        if c.is_file():
-            return strip_comments(json.loads(c.read_text()))
-    raise ConfigError(
-        "deepspeed",
-        path,
-        f"file not found (looked at {[str(c) for c in candidates]})",
-        "give a path relative to the config file, or inline the DeepSpeed JSON",
-    )
+    found = next((c for c in candidates if c.is_file()), None)
+    if found is None:
+        raise ConfigError(
+            "deepspeed",
+            path,
+            f"file not found (looked at {[str(c) for c in candidates]})",
+            "give a path relative to the config file, or inline the DeepSpeed JSON",
+        )
+    return strip_comments(read_json_file(found, "", field="deepspeed"))
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """``key.sub=value`` (value parsed as JSON, else kept as a string) into a copy of ``raw``.
 
-    ``deepspeed.*`` keys reach into the DeepSpeed JSON (loaded first when it is a path).
+    ``deepspeed.*`` keys reach into the DeepSpeed JSON when it is inline (:func:`load_config` loads a
+    path first).
     """
-    out = copy.deepcopy(raw)
-    for item in overrides:
-        if "=" not in item:
-            raise ConfigError(
-                "--override", item, "is not key=value", "write e.g. --override training.steps=20"
-            )
-        key, text = item.split("=", 1)
-        try:
-            value = json.loads(text)
-        except json.JSONDecodeError:
-            value = text
-        parts = key.strip().split(".")
-        cur = out
-        for i, k in enumerate(parts[:-1]):
-            if k not in cur or cur[k] is None:
-                cur[k] = {}
-            if not isinstance(cur[k], dict):
-                raise ConfigError(".".join(parts[: i + 1]), cur[k], "is not a section", f"cannot set {key}")
-            cur = cur[k]
-        cur[parts[-1]] = value
-    return out
+    return _apply_overrides(raw, overrides)
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> TrainConfig:
     """Read a JSON config, apply ``overrides`` (``key=value``), validate."""
     p = Path(path)
-    if not p.is_file():
-        raise ConfigError(
-            "config", str(path), "file not found", "give the path of a JSON config (configs/gpt/*.json)"
-        )
-    try:
-        raw = json.loads(p.read_text())
-    except json.JSONDecodeError as e:
-        raise ConfigError("config", str(path), f"is not valid JSON ({e})", "fix the JSON syntax") from None
-    if overrides:
+    raw = read_json_file(p, "give the path of a JSON config (configs/gpt/*.json)")
+    if overrides and isinstance(raw, dict):
         if isinstance(raw.get("deepspeed"), str) and any(o.startswith("deepspeed.") for o in overrides):
             raw["deepspeed"] = load_deepspeed_json(raw["deepspeed"], p.parent)
         raw = apply_overrides(raw, overrides)

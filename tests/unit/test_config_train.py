@@ -113,8 +113,12 @@ def test_overrides_reach_sections_and_the_deepspeed_json(tmp_path):
         apply_overrides({}, ["training.steps"])
     bad = tmp_path / "bad.json"
     bad.write_text("{")
-    with pytest.raises(ConfigError, match="is not valid JSON"):
+    with pytest.raises(ConfigError, match="^config=.*is not valid JSON"):
         load_config(bad)
+    raw = _raw()
+    raw["deepspeed"] = str(bad)
+    with pytest.raises(ConfigError, match="^deepspeed=.*is not valid JSON"):
+        config_from_dict(raw)
 
 
 def test_schema_has_docs_bounds_and_choices():
