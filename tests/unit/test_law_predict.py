@@ -47,8 +47,19 @@ def test_predict_interval_and_extrapolation_warning():
     assert not p.warnings
     far = predict(law, params=lo_p / 4, tokens=2e10, batch_tokens=1e6)
     assert any("params" in w and "4x below" in w for w in far.warnings)
-    block = deepspeed_scheduler_block(p, warmup_num_steps=100)
-    assert block == {"type": "LRScale", "params": {"peak_lr": p.peak_lr, "warmup_num_steps": 100}}
+    block = deepspeed_scheduler_block(p, warmup_steps=100, total_steps=1000)
+    assert block == {
+        "type": "LRScale",
+        "params": {"peak_lr": p.peak_lr, "warmup_steps": 100, "total_steps": 1000},
+    }
+    from lrscale_megatron.scheduler import LRScaleConfig
+
+    cfg = LRScaleConfig.from_dict(block["params"], where="scheduler.params")  # what DeepSpeed will be given
+    assert cfg.peak_lr == p.peak_lr and cfg.warmup_steps == 100 and cfg.total_steps == 1000
+    # DeepSpeed's own WarmupLR key is not LRScale's: the block passes it through, the scheduler refuses it
+    bad = deepspeed_scheduler_block(p, warmup_num_steps=100, total_steps=1000)
+    with pytest.raises(ValueError, match="warmup_num_steps.*did you mean 'warmup_steps'"):
+        LRScaleConfig.from_dict(bad["params"], where="scheduler.params")
 
 
 def test_predict_bad_inputs_name_field():
