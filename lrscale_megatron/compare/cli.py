@@ -40,7 +40,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def add_subcommand(subparsers: argparse._SubParsersAction) -> None:
     """Register ``compare`` on the ``lrscale`` command's sub-parsers."""
     sp = subparsers.add_parser(
-        "compare", help="LRScale vs cosine / inverse-sqrt / tuned-grid baselines: time to target loss"
+        "compare",
+        help="LRScale vs copied-LR, Step Law, LR-free and tuned-grid baselines: time to target loss",
     )
     add_arguments(sp)
     sp.set_defaults(func=run)
@@ -57,7 +58,8 @@ def run(args: argparse.Namespace) -> int:
         return 2
     import torch.distributed as dist
 
-    from lrscale_megatron.compare.report import time_to_target_table, write_report
+    from lrscale_megatron.compare.markdown import checks_table, time_to_target_table
+    from lrscale_megatron.compare.report import write_report
     from lrscale_megatron.compare.runner import run_compare
     from lrscale_megatron.launch import shutdown
 
@@ -68,6 +70,7 @@ def run(args: argparse.Namespace) -> int:
             rep = write_report(runs, out)
             print(f"\ntarget validation loss {rep['target_loss']:.4f} ({rep['target_rule']})", flush=True)
             print(time_to_target_table(rep), flush=True)
+            print("\n" + checks_table(rep), flush=True)
             print(
                 f"\nreport: {out / 'report.md'}  (JSON: {out / 'report.json'}; plots: "
                 f"{', '.join(str(out / p) for p in rep['plots'])})",

@@ -70,9 +70,13 @@ def write_plots(runs: CompareRuns, rep: dict[str, Any], out: Path, dpi: int = 11
     fig.savefig(out / FILES[0], dpi=dpi)
     plt.close(fig)
 
-    # 2. LR per iteration (every seed: the online arm's LR depends on its measurements).
+    # 2. LR per iteration (every seed: the online arm's LR depends on its measurements). Prodigy's LR is
+    # a multiplier of the step size it estimates (1.0), not comparable: left out and named.
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for arm, hs in hists.items():
+        if arm == "prodigy":
+            ax.text(0.02, 0.02, "prodigy: LR multiplier 1.0, not shown", transform=ax.transAxes, fontsize=8)
+            continue
         for i, h in enumerate(hs):
             ax.plot(
                 [r["step"] for r in h],

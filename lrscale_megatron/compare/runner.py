@@ -23,7 +23,7 @@ from lrscale_megatron.compare.arms import (
     OfflinePeak,
     RunSpec,
     arm_runs,
-    offline_peak,
+    peaks_for,
     run_id,
     train_config_for,
 )
@@ -35,18 +35,24 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class CompareRuns:
-    """Everything the report needs: the config, the offline peak and each arm's runs by LR.
+    """Everything the report needs: the config, the law peaks and each arm's runs by LR.
 
-    ``arms[name][lr]`` lists one result dict per seed (``TrainResult.to_dict()`` plus ``run_id``, ``spec``).
+    ``peaks``: ``{"lrscale": ..., "steplaw": ...}`` (:func:`~.arms.peaks_for`). ``arms[name][lr]`` lists one
+    result dict per seed (``TrainResult.to_dict()`` plus ``run_id``, ``spec``, ``elapsed_s``).
     """
 
     config: CompareConfig
-    peak: OfflinePeak
+    peaks: dict[str, OfflinePeak]
     arms: dict[str, dict[float, list[dict[str, Any]]]] = field(default_factory=dict)
     started: float = field(default_factory=time.time)
     load_start: tuple[float, float, float] | None = None
     trained: int = 0
     reused: int = 0
+
+    @property
+    def peak(self) -> OfflinePeak:
+        """The LRScale arms' offline peak."""
+        return self.peaks["lrscale"]
 
 
 def _load_avg() -> tuple[float, float, float] | None:
@@ -97,16 +103,16 @@ def run_compare(cfg: CompareConfig, output_dir: str | Path | None = None, force:
     """Train (or load) every run of every arm in ``cfg.ordered_arms`` order; logs progress per arm."""
     out = Path(output_dir or cfg.output_dir)
     runs_dir = out / "runs"
-    peak = offline_peak(cfg)
-    logger.info(
-        "compare: baseline LR %.4g (%s); LRScale offline peak %.4g from %s",
-        cfg.baseline.lr,
-        cfg.baseline.justification,
-        peak.peak_lr,
-        peak.source,
-    )
-    result = CompareRuns(config=cfg, peak=peak, load_start=_load_avg())
-    plan = {arm: arm_runs(cfg, arm, peak) for arm in cfg.ordered_arms}
+    from lrscale_megatron.compare import optimizers
+
+    peaks = peaks_for(cfg)
+    for name, p in peaks.items():
+        logger.info("compare: %s peak %.4g from %s", name, p.peak_lr, p.source)
+    logger.info("compare: baseline LR %.4g (%s)", cfg.baseline.lr, cfg.baseline.justification)
+    optimizers.require([a for a in cfg.ordered_arms if a in ("schedulefree", "prodigy")])
+    optimizers.register()
+    result = CompareRuns(config=cfg, peaks=peaks, load_start=_load_avg())
+    plan = {arm: arm_runs(cfg, arm, peaks) for arm in cfg.ordered_arms}
     total = sum(len(v) for runs in plan.values() for v in runs.values())
     done = 0
     memo: dict[str, dict[str, Any]] = {}
