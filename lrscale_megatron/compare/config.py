@@ -233,7 +233,7 @@ class GridConfig(_Model):
         if len(v) < 2:
             raise CompareConfigError("lrs", list(v), "needs at least 2 LRs", "give e.g. [3e-4, 1e-3, 3e-3]")
         for i, lr in enumerate(v):
-            _finite_positive(f"lrs[{i}]", lr, "give positive LRs")
+            _finite_positive(f"lrs.{i}", lr, "give positive LRs")
         return v
 
 
