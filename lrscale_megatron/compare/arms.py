@@ -100,6 +100,13 @@ def base_train_raw(cfg: CompareConfig) -> tuple[dict[str, Any], Path]:
     return raw, path.parent
 
 
+def non_embedding_params(cfg: CompareConfig) -> int:
+    """The target model's non-embedding parameters (the law's ``params``; ``N`` of ``6 N D``)."""
+    raw, base = base_train_raw(cfg)
+    raw["training"]["lr"] = cfg.baseline.lr
+    return int(config_from_dict(raw, base_dir=base).model.num_non_embedding_params())
+
+
 def law_peak(cfg: CompareConfig, law: str) -> OfflinePeak:
     """``law``'s prediction for the train config's sizes (the same inputs the DeepSpeed integration fills
     for ``"model": "auto"``: non-embedding params, run tokens, batch tokens, width, depth)."""

@@ -1,12 +1,14 @@
 """Compute to a tuned LR: ``lrscale tune``'s proxy ladder + one target run vs a K-point LR grid on the target.
 
 Both sides are counted per seed (every seed repeats either). A training run's FLOPs are ``6 N D`` (``N``
-all parameters, ``D`` training tokens; attention score FLOPs and evaluation are left out, the same on
-both sides); its wall-clock is the whole run as the job measured it (setup + training + evaluation,
-``elapsed_s``), on the same machine as the proxies when the tune ran there. The proxy ladder's FLOPs and
-wall-clock come from ``lrscale tune``'s ``prediction.json``: the numeric entries whose key path names the
-proxies (``proxy``/``proxies``/``ladder``/``sweep``) and ends in ``flops`` / ``wall_s``. The key used is
-reported; a figure that is not there is ``None`` with the reason, never a guess.
+non-embedding parameters as ``lrscale tune`` counts its proxies, ``D`` training tokens; attention score
+FLOPs and evaluation are left out on both sides); its wall-clock is the whole run as the job measured it
+(setup + training + evaluation, ``elapsed_s``), summed over runs (run-seconds: the ladder's workers may
+run in parallel). The proxy ladder's FLOPs, wall-clock and run count come from ``lrscale tune``'s
+``prediction.json``: ``costs.proxy_flops`` / ``proxy_wall_s`` / ``proxy_runs``, or else the first
+numeric entry whose key path names the proxies (``proxy``/``proxies``/``ladder``/``sweep``) and ends in
+``flops`` / ``wall_s`` / ``runs`` (ratios left out). The key used is reported; a figure that is not there
+is ``None`` with the reason, never a guess.
 """
 
 from __future__ import annotations
@@ -28,10 +30,18 @@ def _leaves(d: Any, path: tuple[str, ...] = ()) -> Iterator[tuple[tuple[str, ...
         yield path, float(d)
 
 
-def _find(d: dict[str, Any], suffixes: tuple[str, ...]) -> tuple[float | None, str | None]:
-    """The first numeric leaf whose path mentions the proxies and whose key ends with one of ``suffixes``."""
-    for path, v in _leaves(d):
-        if path and path[-1].endswith(suffixes) and any(w in p for p in path for w in _PROXY_WORDS):
+def _find(d: dict[str, Any], exact: str, suffixes: tuple[str, ...]) -> tuple[float | None, str | None]:
+    """The leaf ``costs.<exact>``, else the first numeric leaf whose path mentions the proxies and whose key
+    ends with one of ``suffixes`` (keys naming a ratio - ``over``, ``ratio``, ``per`` - left out)."""
+    leaves = list(_leaves(d))
+    for path, v in leaves:
+        if path == ("costs", exact):
+            return v, ".".join(path)
+    for path, v in leaves:
+        last = path[-1] if path else ""
+        if any(w in last for w in ("over", "ratio", "per_")):
+            continue
+        if last.endswith(suffixes) and any(w in p for p in path for w in _PROXY_WORDS):
             return v, ".".join(path)
     return None, None
 
@@ -55,9 +65,9 @@ def proxy_cost(tune: str | None) -> dict[str, Any]:
         out["missing"].append(f"{p} is not valid JSON ({e})")
         return out
     out["source"] = str(p)
-    flops, k_f = _find(d, ("flops",))
-    wall, k_w = _find(d, ("wall_s", "wall", "seconds"))
-    runs, k_r = _find(d, ("runs", "n_runs"))
+    flops, k_f = _find(d, "proxy_flops", ("flops",))
+    wall, k_w = _find(d, "proxy_wall_s", ("wall_s", "wall", "seconds"))
+    runs, k_r = _find(d, "proxy_runs", ("runs", "n_runs"))
     out.update(flops=flops, wall_s=wall, runs=int(runs) if runs is not None else None)
     out["keys"] = {"flops": k_f, "wall_s": k_w, "runs": k_r}
     for name, v in (("flops", flops), ("wall_s", wall)):
@@ -66,9 +76,9 @@ def proxy_cost(tune: str | None) -> dict[str, Any]:
     return out
 
 
-def run_flops(res: dict[str, Any]) -> float:
-    """``6 N D`` of one saved run (``num_params`` x ``tokens``)."""
-    return 6.0 * float(res["num_params"]) * float(res["tokens"])
+def run_flops(res: dict[str, Any], n_params: float) -> float:
+    """``6 N D`` of one saved run (``N`` = ``n_params``, ``D`` = its ``tokens``)."""
+    return 6.0 * n_params * float(res["tokens"])
 
 
 def _mean(xs: list[float]) -> float | None:
@@ -84,18 +94,24 @@ def _ratio(a: float | None, b: float | None) -> float | None:
 
 
 def compute_to_tuned_lr(
-    offline_runs: list[dict[str, Any]], grid_runs: dict[float, list[dict[str, Any]]], tune: str | None
+    offline_runs: list[dict[str, Any]],
+    grid_runs: dict[float, list[dict[str, Any]]],
+    tune: str | None,
+    n_params: float,
 ) -> dict[str, Any]:
     """The table's numbers: ``lrscale`` (proxies + one target run), ``grid`` (K target runs), their ratios.
 
     ``offline_runs``: the ``lrscale_offline`` arm's runs (one per seed); ``grid_runs``: the grid's runs
-    by LR (one per seed each). Wall-clock means are over seeds.
+    by LR (one per seed each); ``n_params``: the target's non-embedding parameters. Wall-clock means
+    are over seeds.
     """
     proxies = proxy_cost(tune)
-    target_flops = _mean([run_flops(r) for r in offline_runs])
+    target_flops = _mean([run_flops(r, n_params) for r in offline_runs])
     target_wall = _mean([float(r.get("elapsed_s", r["wall_s"])) for r in offline_runs])
     k = len(grid_runs)
-    grid_flops = sum(_mean([run_flops(r) for r in rs]) or 0.0 for rs in grid_runs.values()) if k else None
+    grid_flops = (
+        sum(_mean([run_flops(r, n_params) for r in rs]) or 0.0 for rs in grid_runs.values()) if k else None
+    )
     grid_wall = (
         sum(_mean([float(r.get("elapsed_s", r["wall_s"])) for r in rs]) or 0.0 for rs in grid_runs.values())
         if k
@@ -117,6 +133,6 @@ def compute_to_tuned_lr(
         "lrscale_over_grid_flops": _ratio(lrs_flops, grid_flops),
         "lrscale_over_grid_wall": _ratio(lrs_wall, grid_wall),
         "proxy_flops_over_one_target_run": _ratio(proxies["flops"], target_flops),
-        "notes": "per seed; FLOPs = 6 N D (all parameters, training tokens); wall = whole run (setup, "
-        "training, evaluation) on this machine",
+        "notes": "per seed; FLOPs = 6 N D (N non-embedding parameters, D training tokens); wall = "
+        "run-seconds of whole runs (setup, training, evaluation)",
     }

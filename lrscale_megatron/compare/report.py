@@ -148,7 +148,10 @@ def build_report(runs: CompareRuns) -> dict[str, Any]:
     compute = None
     if grid is not None and "lrscale_offline" in runs.arms:
         (offline,) = runs.arms["lrscale_offline"].values()
-        compute = compute_to_tuned_lr(offline, runs.arms["cosine_grid_best"], cfg.tune)
+        from lrscale_megatron.compare.arms import non_embedding_params
+
+        n = float(non_embedding_params(cfg))
+        compute = compute_to_tuned_lr(offline, runs.arms["cosine_grid_best"], cfg.tune, n)
     all_runs = [r for by_lr in runs.arms.values() for seeds in by_lr.values() for r in seeds]
     return {
         "date": _dt.date.today().isoformat(),

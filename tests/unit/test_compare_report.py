@@ -44,8 +44,8 @@ def test_not_reached_is_a_miss_through_its_lower_bound() -> None:
     assert checks[0]["met"] is None  # nothing to compare: unknown, never met
 
 
-def _run(wall: float, params: int = 1000, tokens: int = 5000) -> dict:
-    return {"num_params": params, "tokens": tokens, "wall_s": wall / 2, "elapsed_s": wall}
+def _run(wall: float, tokens: int = 5000) -> dict:
+    return {"num_params": 1200, "tokens": tokens, "wall_s": wall / 2, "elapsed_s": wall}
 
 
 def test_compute_to_tuned_lr(tmp_path: Path) -> None:
@@ -53,14 +53,32 @@ def test_compute_to_tuned_lr(tmp_path: Path) -> None:
         json.dumps({"peak_lr": 1e-3, "cost": {"proxies": {"flops": 6e7, "wall_s": 50.0, "runs": 20}}})
     )
     grid = {lr: [_run(10.0), _run(12.0)] for lr in (1e-3, 3e-3, 1e-2)}
-    c = compute_to_tuned_lr([_run(8.0), _run(10.0)], grid, str(tmp_path))
-    one = 6.0 * 1000 * 5000
+    c = compute_to_tuned_lr([_run(8.0), _run(10.0)], grid, str(tmp_path), n_params=1000)
+    one = 6.0 * 1000 * 5000  # N = the non-embedding parameters given, not num_params
     assert c["lrscale"]["target_run_flops"] == one and c["grid"]["total_flops"] == 3 * one
     assert c["lrscale"]["total_flops"] == 6e7 + one
     assert c["lrscale_over_grid_flops"] == pytest.approx((6e7 + one) / (3 * one))
     assert c["lrscale"]["total_wall_s"] == pytest.approx(50.0 + 9.0)
     assert c["grid"]["total_wall_s"] == pytest.approx(33.0)
     assert c["proxies"]["runs"] == 20 and c["proxies"]["keys"]["flops"] == "cost.proxies.flops"
+
+
+def test_proxy_cost_reads_lrscale_tune_costs(tmp_path: Path) -> None:
+    (tmp_path / "prediction.json").write_text(
+        json.dumps(
+            {
+                "costs": {
+                    "proxy_over_target_flops": 3.0,
+                    "proxy_runs": 28,
+                    "proxy_flops": 9e10,
+                    "proxy_wall_s": 120.0,
+                    "target_run_flops": 3e10,
+                }
+            }
+        )
+    )
+    p = proxy_cost(str(tmp_path / "prediction.json"))
+    assert (p["flops"], p["wall_s"], p["runs"]) == (9e10, 120.0, 28) and not p["missing"]
 
 
 def test_proxy_cost_says_what_is_missing(tmp_path: Path) -> None:
@@ -70,5 +88,5 @@ def test_proxy_cost_says_what_is_missing(tmp_path: Path) -> None:
     p = proxy_cost(str(tmp_path))
     assert p["flops"] is None and p["wall_s"] is None  # the target's FLOPs are not the proxies'
     assert any("flops" in m for m in p["missing"])
-    c = compute_to_tuned_lr([_run(8.0)], {1e-3: [_run(9.0)], 2e-3: [_run(9.0)]}, str(tmp_path))
+    c = compute_to_tuned_lr([_run(8.0)], {1e-3: [_run(9.0)], 2e-3: [_run(9.0)]}, str(tmp_path), 1000)
     assert c["lrscale"]["total_flops"] is None and c["lrscale_over_grid_flops"] is None
