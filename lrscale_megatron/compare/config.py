@@ -268,6 +268,9 @@ class CompareConfig(_Model):
     """The cosine LR grid (required with ``cosine_grid_best``)."""
     min_lr_ratio: float = 0.1
     """Floor of the cosine-type decays as a fraction of the peak (GPT-3: 0.1), same for every arm."""
+    workers: int = 1
+    """Local worker processes that train the runs at once (one process each, single-threaded on CPU; use
+    the number of cores). Ignored under torchrun, where every rank trains every run together."""
     tune: str | None = None
     """``lrscale tune``'s output folder (or its ``prediction.json``), relative to the cwd: the proxy
     ladder's cost for the report's compute-to-a-tuned-LR table. ``None``: that table says unknown."""
@@ -279,6 +282,13 @@ class CompareConfig(_Model):
     def _steps(cls, v: int) -> int:
         if v < 2:
             raise CompareConfigError("steps", v, "must be an integer >= 2", "give optimizer iterations")
+        return v
+
+    @field_validator("workers")
+    @classmethod
+    def _workers(cls, v: int) -> int:
+        if v < 1:
+            raise CompareConfigError("workers", v, "must be an integer >= 1", "use 1, or the number of cores")
         return v
 
     @field_validator("seeds")

@@ -1,7 +1,8 @@
 """``lrscale compare`` end to end on ``configs/compare/ci-smoke.json`` (7 arms x 2 seeds x 16 iterations).
 
-The job runs in a subprocess (the gloo group and DeepSpeed's globals never live in the pytest process),
-then again: the second call must find every run on disk and train nothing.
+The job runs in a subprocess (the gloo group and DeepSpeed's globals never live in the pytest process)
+with two worker processes, then again in one process: the second call must find every run on disk and
+train nothing.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ ARMS = {
 }
 
 
-def _compare(out: Path) -> subprocess.CompletedProcess:
+def _compare(out: Path, *sets: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
     return subprocess.run(
         [
@@ -38,6 +39,7 @@ def _compare(out: Path) -> subprocess.CompletedProcess:
             str(CONFIG),
             "--set",
             f"output_dir={json.dumps(str(out))}",
+            *sets,
         ],
         cwd=ROOT,
         env=env,
@@ -49,7 +51,7 @@ def _compare(out: Path) -> subprocess.CompletedProcess:
 
 def test_compare_writes_report_with_all_arms(tmp_path: Path) -> None:
     out = tmp_path / "cmp"
-    proc = _compare(out)
+    proc = _compare(out, "workers=2")  # two local worker processes train the runs
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "report:" in proc.stdout and "| cosine |" in proc.stdout
 
@@ -106,7 +108,10 @@ def test_compare_writes_report_with_all_arms(tmp_path: Path) -> None:
     md = (out / "report.md").read_text()
     assert "Time to target" in md and all(f"| {n} |" in md for n in ARMS)
 
-    # a rerun finds every finished run on disk and trains nothing
+    assert not list((out / "runs").glob("*.claim")), "worker claims must be cleaned up"
+    assert rep["runs"]["trained"] == 2 * len(ARMS) and rep["runs"]["reused"] == 0  # each run trained once
+
+    # a rerun (one process) finds every finished run on disk and trains nothing
     proc2 = _compare(out)
     assert proc2.returncode == 0, proc2.stderr[-4000:]
     rep2 = json.loads((out / "report.json").read_text())
