@@ -74,7 +74,7 @@ def compute_section(c: dict[str, Any]) -> list[str]:
         "",
         f"LRScale / grid: FLOPs {_f(c['lrscale_over_grid_flops'], '{:.3f}')}, wall "
         f"{_f(c['lrscale_over_grid_wall'], '{:.3f}')}; the proxy ladder costs "
-        f"{_f(c['proxy_flops_over_one_target_run'], '{:.2f}')} target runs of FLOPs. Per seed; {c['notes']}.",
+        f"{_f(c['proxy_flops_over_one_target_run'], '{:.2f}')} target runs of FLOPs ({c['notes']}).",
     ]
     if p["source"]:
         out.append(f"Proxy cost read from `{p['source']}` (keys {p.get('keys')}).")
