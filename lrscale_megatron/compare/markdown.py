@@ -22,6 +22,11 @@ def _load(x: Any) -> str:
     return "n/a" if not x else "/".join(f"{v:.2f}" for v in x)
 
 
+def _corpora(rep: dict[str, Any]) -> tuple[str, str]:
+    c = rep.get("corpora") or {}
+    return str(c.get("train") or "a data prefix"), str(c.get("held_out") or "none").upper()
+
+
 def time_to_target_table(rep: dict[str, Any]) -> str:
     """The headline table (also printed by the CLI)."""
     on_gpu = rep["machine"]["device"] == "cuda"
@@ -94,7 +99,8 @@ def render_markdown(rep: dict[str, Any], plots: list[str]) -> str:
         f"{_load(m['load_avg_end'])}; 1-min load as each run finished: "
         f"{_pm(m['load_avg_1min_over_runs'], '{:.2f}') if m['load_avg_1min_over_runs']['n'] else 'not recorded'}.",
         f"Train config `{cfg['train_config']}` (overrides {cfg['overrides'] or 'none'}), {rep['steps']} "
-        f"iterations per run, seeds {rep['seeds']}, validation every {cfg['eval_every']} iterations.",
+        f"iterations per run, seeds {rep['seeds']}, validation every {cfg['eval_every']} iterations. "
+        f"Trained on {_corpora(rep)[0]}; held-out corpus {_corpora(rep)[1]}.",
         "",
         f"**Target validation loss: {rep['target_loss']:.4f}** ({rep['target_rule']}).",
         "",
@@ -139,7 +145,7 @@ def render_markdown(rep: dict[str, Any], plots: list[str]) -> str:
         "between the last evaluation above the target and the first at or below it; an arm's headline "
         "figure needs every seed to reach the target. Wall-clock is training time only (evaluation "
         "excluded), on a machine shared with other jobs: compare it within this report only. Held-out "
-        "ppl: exp(validation loss) on the other corpus (`data.shift`).",
+        f"ppl: exp(validation loss) on {_corpora(rep)[1]} (`data.shift`), a corpus the model never trained on.",
         "",
         "## Done when (issue 10)",
         "",

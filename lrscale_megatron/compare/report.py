@@ -126,6 +126,16 @@ def ratios_and_checks(
     return r, checks
 
 
+def held_out_corpus(data: dict[str, Any]) -> str | None:
+    """The held-out (distribution-shift) corpus of a run's ``data`` section (``"auto"`` resolved)."""
+    from lrscale_megatron.data.corpora import SHIFT_CORPUS
+
+    shift, corpus = data.get("shift"), data.get("corpus")
+    if shift == "auto":
+        return SHIFT_CORPUS.get(str(corpus))
+    return None if shift in (None, "none") else str(shift)
+
+
 def build_report(runs: CompareRuns) -> dict[str, Any]:
     """The whole ``report.json`` content."""
     cfg = runs.config
@@ -153,6 +163,7 @@ def build_report(runs: CompareRuns) -> dict[str, Any]:
         n = float(non_embedding_params(cfg))
         compute = compute_to_tuned_lr(offline, runs.arms["cosine_grid_best"], cfg.tune, n)
     all_runs = [r for by_lr in runs.arms.values() for seeds in by_lr.values() for r in seeds]
+    data = (all_runs[0].get("config") or {}).get("data", {}) if all_runs else {}
     return {
         "date": _dt.date.today().isoformat(),
         "config": cfg.to_dict(),
@@ -170,6 +181,7 @@ def build_report(runs: CompareRuns) -> dict[str, Any]:
         "baseline": {"lr": cfg.baseline.lr, "justification": cfg.baseline.justification},
         "offline_peak": runs.peak.to_dict(),
         "steplaw_peak": runs.peaks["steplaw"].to_dict() if "steplaw" in runs.peaks else None,
+        "corpora": {"train": data.get("corpus"), "held_out": held_out_corpus(data)},
         "target_loss": target,
         "target_rule": cfg.target.describe(),
         "steps": cfg.steps,
