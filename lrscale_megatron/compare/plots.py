@@ -83,7 +83,9 @@ def write_plots(runs: CompareRuns, rep: dict[str, Any], out: Path, dpi: int = 11
                 [r["lr"] for r in h],
                 color=color[arm],
                 lw=1,
-                label=arm if i == 0 else None,
+                label=(arm + (" (base LR; warmup inside the optimizer)" if arm == "schedulefree" else ""))
+                if i == 0
+                else None,
             )
     ax.set(xlabel="iteration", ylabel="learning rate", yscale="log", title="learning rate")
     ax.grid(alpha=0.3, which="both")
