@@ -16,6 +16,8 @@ Both take the train config's AdamW ``betas``, ``eps`` and ``weight_decay`` (deco
 is the only difference from the other arms. Importing this module registers both names with
 :func:`lrscale_megatron.train.setup.register_client_optimizer`; the packages come with the ``demo``
 extra (``pip install lrscale-megatron[demo]``) and a missing one is refused naming the extra.
+Only ``lrscale compare`` registers them, and its runs write no checkpoints (a Schedule-Free checkpoint
+would have to be taken in eval mode, which the training loop's checkpoint path does not do).
 """
 
 from __future__ import annotations
