@@ -117,3 +117,14 @@ def test_arm_train_configs() -> None:
     assert pr["optimizer"]["type"] == PRODIGY and pr["optimizer"]["params"]["d_coef"] == 0.5
     assert pr["scheduler"]["type"] == "WarmupCosineLR" and pr["scheduler"]["params"]["cos_min_ratio"] == 0.0
     assert copy.deepcopy(cos["scheduler"]["params"])["cos_min_ratio"] == cfg.min_lr_ratio
+
+
+def test_missing_package_is_refused_naming_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
+    from lrscale_megatron.compare.config import CompareConfigError
+    from lrscale_megatron.compare.optimizers import require
+
+    monkeypatch.setitem(__import__("sys").modules, "prodigyopt", None)  # import now raises ImportError
+    require(["schedulefree"])  # installed: fine
+    with pytest.raises(CompareConfigError, match="demo extra") as e:
+        require(["schedulefree", "prodigy"])
+    assert e.value.field_name == "arms" and e.value.value == "prodigy"
