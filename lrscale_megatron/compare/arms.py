@@ -90,7 +90,7 @@ def base_train_raw(cfg: CompareConfig) -> tuple[dict[str, Any], Path]:
         raw,
         [
             *cfg.overrides,
-            f"training.steps={cfg.steps}",
+            *([f"training.steps={cfg.steps}"] if cfg.steps is not None else []),
             f"training.eval_every={cfg.eval_every}",
             "training.output_dir=null",
             "checkpoint.dir=null",

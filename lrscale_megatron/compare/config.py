@@ -242,8 +242,9 @@ class CompareConfig(_Model):
 
     train_config: str
     """The GPT pretraining config every arm trains (path, resolved against ``source``'s folder)."""
-    steps: int
-    """Optimizer iterations of every run (equal compute across arms)."""
+    steps: int | None = None
+    """Optimizer iterations of every run (equal compute across arms). ``None``: the train config's
+    ``training.steps`` (the length ``lrscale tune`` tuned the law for), filled in when loading."""
     seeds: Annotated[tuple[int, ...], _Tuple]
     """One run per seed per arm (``training.seed``: weights and RNG); >= 2 for a spread."""
     baseline: BaselineConfig = Field(
@@ -279,8 +280,8 @@ class CompareConfig(_Model):
 
     @field_validator("steps")
     @classmethod
-    def _steps(cls, v: int) -> int:
-        if v < 2:
+    def _steps(cls, v: int | None) -> int | None:
+        if v is not None and v < 2:
             raise CompareConfigError("steps", v, "must be an integer >= 2", "give optimizer iterations")
         return v
 
@@ -322,7 +323,7 @@ class CompareConfig(_Model):
 
     @model_validator(mode="after")
     def _check(self) -> CompareConfig:
-        if not 1 <= self.eval_every <= self.steps:
+        if self.steps is not None and not 1 <= self.eval_every <= self.steps:
             raise CompareConfigError(
                 "eval_every",
                 self.eval_every,
@@ -358,11 +359,30 @@ class CompareConfig(_Model):
         return base / p
 
 
+def _train_steps(cfg: CompareConfig) -> int:
+    """``training.steps`` of the train config file (for ``steps: null``)."""
+    path = cfg.train_config_path()
+    try:
+        steps = json.loads(path.read_text())["training"]["steps"]
+    except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
+        raise CompareConfigError(
+            "steps", None, f"cannot be read from the train config {path} ({e!r})", "give steps explicitly"
+        ) from None
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 2:
+        raise CompareConfigError(
+            "steps", steps, f"from {path} is not an integer >= 2", "give steps explicitly"
+        )
+    return steps
+
+
 def compare_config_from_dict(raw: Any, source: str = "<dict>") -> CompareConfig:
-    """Validate a raw mapping (the JSON file's content)."""
+    """Validate a raw mapping (the JSON file's content); ``steps`` defaults to the train config's."""
     if not isinstance(raw, dict):
         raise CompareConfigError("<config>", raw, "must be a JSON object", 'write {"train_config": ..., ...}')
-    return CompareConfig.from_dict({**raw, "source": source})
+    cfg = CompareConfig.from_dict({**raw, "source": source})
+    if cfg.steps is None:
+        cfg = CompareConfig.from_dict({**raw, "source": source, "steps": _train_steps(cfg)})
+    return cfg
 
 
 def load_compare_config(path: str | Path, overrides: list[str] | None = None) -> CompareConfig:

@@ -152,7 +152,9 @@ def build_report(runs: CompareRuns) -> dict[str, Any]:
             entry = arm_entry(arm, schedule_name(runs, arm), [seed_row(r, target, on_gpu) for r in seeds])
         arms.append(entry)
         by_name[arm] = entry
-    ratios, checks = ratios_and_checks(by_name, cfg.steps)
+    all_runs = [r for by_lr in runs.arms.values() for seeds in by_lr.values() for r in seeds]
+    steps = cfg.steps if cfg.steps is not None else int(all_runs[0]["steps"])
+    ratios, checks = ratios_and_checks(by_name, steps)
     if grid is not None:
         ratios["grid_training_runs_per_lrscale_run"] = len(grid["lrs"])
     compute = None
@@ -162,7 +164,6 @@ def build_report(runs: CompareRuns) -> dict[str, Any]:
 
         n = float(non_embedding_params(cfg))
         compute = compute_to_tuned_lr(offline, runs.arms["cosine_grid_best"], cfg.tune, n)
-    all_runs = [r for by_lr in runs.arms.values() for seeds in by_lr.values() for r in seeds]
     data = (all_runs[0].get("config") or {}).get("data", {}) if all_runs else {}
     return {
         "date": _dt.date.today().isoformat(),
@@ -184,7 +185,7 @@ def build_report(runs: CompareRuns) -> dict[str, Any]:
         "corpora": {"train": data.get("corpus"), "held_out": held_out_corpus(data)},
         "target_loss": target,
         "target_rule": cfg.target.describe(),
-        "steps": cfg.steps,
+        "steps": steps,
         "seeds": list(cfg.seeds),
         "arms": arms,
         "grid": grid,

@@ -81,6 +81,16 @@ def test_comments_lists_and_schema() -> None:
     assert "Optimizer iterations" in schema["properties"]["steps"]["description"]
 
 
+def test_steps_default_to_the_train_config(tmp_path: Path) -> None:
+    raw = {k: v for k, v in BASE.items() if k != "steps"}
+    c = compare_config_from_dict({**raw, "train_config": str(ROOT / "configs/gpt/cpu-tiny.json")})
+    tiny = json.loads((ROOT / "configs/gpt/cpu-tiny.json").read_text())
+    assert c.steps == tiny["training"]["steps"]
+    with pytest.raises(CompareConfigError) as e:
+        compare_config_from_dict({**raw, "train_config": str(tmp_path / "missing.json")})
+    assert e.value.field_name == "steps" and "explicitly" in e.value.fix
+
+
 @pytest.mark.parametrize("name", ["cpu-demo.json", "ci-smoke.json", "cpu-bench.json"])
 def test_shipped_configs_validate(name: str) -> None:
     c = load_compare_config(ROOT / "configs" / "compare" / name)
