@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# LRScale vs hand-set baselines (cosine, inverse-sqrt at a published LR; a tuned cosine LR grid) to a target
-# validation loss: `lrscale compare`. Extra arguments go to it (e.g. --set output_dir=out/x, --force).
+# LRScale vs the baselines (cosine and inverse-sqrt at a copied LR, the Step Law formula, Schedule-Free AdamW,
+# Prodigy, a tuned cosine LR grid) to a target validation loss: `lrscale compare`. Extra arguments go to it
+# (e.g. --set output_dir=out/x, --force).
 #
-#   bash scripts/compare_baselines.sh configs/compare/cpu-demo.json        # one process, CPU (the demo)
+#   bash scripts/compare_baselines.sh configs/compare/cpu-demo.json        # the demo's step 2 (needs out/tune/cpu-demo/)
 #   bash scripts/compare_baselines.sh configs/compare/cpu-bench.json       # the CPU benchmark (~25 min)
 #   NPROC=4 bash scripts/compare_baselines.sh CONFIG --set 'overrides=["parallel.tp=2","parallel.pp=2"]'
 #

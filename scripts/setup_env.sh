@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
 # Creates ./.venv (once) and installs lrscale-megatron with what it needs.
 #
-#   bash scripts/setup_env.sh            # runtime + dev tools (tests, ruff, mypy)
+#   bash scripts/setup_env.sh            # runtime + dev tools (tests, ruff, mypy) + the demo's optimizers
 #   LRSCALE_EXTRAS=dev,bench bash scripts/setup_env.sh   # also the benchmark peers (PyHessian)
+#
+# The `demo` extra (Schedule-Free AdamW and Prodigy, the LR-free arms of `lrscale compare`) is always
+# added: the demo (scripts/demo.sh) and the test suite both use it.
 #
 # torch: where the chosen Python already has torch, that torch is kept (a GPU cluster's own build).
 # Where it has none, torch==2.13.0 is installed (the CPU wheel on these machines) and pinned with a
@@ -10,7 +13,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${LRSCALE_VENV:-.venv}
-EXTRAS=${LRSCALE_EXTRAS:-dev}
+EXTRAS=${LRSCALE_EXTRAS:-dev,demo}
+case ",$EXTRAS," in *,demo,*) ;; *) EXTRAS="$EXTRAS,demo" ;; esac
 PY=${PYTHON:-python3}
 if [ ! -x "$VENV/bin/python" ]; then
   "$PY" -m venv "$VENV"

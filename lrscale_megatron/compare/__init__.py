@@ -2,7 +2,9 @@
 
 ``config`` (typed JSON, ``configs/compare/*.json``) -> ``arms`` (one train config per arm x LR x seed) ->
 ``runner`` (in-process :func:`lrscale_megatron.train.train` calls, each result saved as it finishes) ->
-``metrics`` (time to target, spread) -> ``report`` (``report.json``, ``report.md``) + ``plots`` (PNGs).
+``metrics`` (time to target, spread) -> ``summary`` (per-run / per-arm figures) + ``cost`` (compute to a
+tuned LR) -> ``report`` (``report.json``, done-when checks) -> ``markdown`` (``report.md``) + ``plots``.
+``optimizers``: the LR-free arms (Schedule-Free AdamW, Prodigy) as DeepSpeed client optimizers.
 """
 
 from lrscale_megatron.compare.config import (

@@ -1,15 +1,19 @@
 """Arms -> runs: one :class:`RunSpec` (schedule, peak LR, seed) per training run, and its train config.
 
-Every run shares the train config's model, data, batch, optimizer, clipping and ZeRO stage (taken from the
-train config's DeepSpeed JSON); only the ``scheduler`` block, the peak LR and the seed differ:
+Every run shares the train config's model, data, batch, clipping and ZeRO stage, and the AdamW betas, eps
+and weight decay of its DeepSpeed JSON; only the ``scheduler`` block, the peak LR, the seed and (for the
+LR-free arms) the optimizer differ:
 
-=================  ==========================================================================
-``cosine``         DeepSpeed ``WarmupCosineLR`` at ``baseline.lr``, decaying to ``min_lr_ratio``
-``inverse_sqrt``   LRScale ``decay_style=inverse_sqrt`` at ``baseline.lr`` (DeepSpeed has none)
+===================  ==========================================================================
+``cosine``           DeepSpeed ``WarmupCosineLR`` at ``baseline.lr``, decaying to ``min_lr_ratio``
+``inverse_sqrt``     LRScale ``decay_style=inverse_sqrt`` at ``baseline.lr`` (DeepSpeed has none)
 ``lrscale_offline``  LRScale ``lrscale.decay_style`` at the law's peak (or ``lrscale.peak_lr``)
 ``lrscale_online``   the same plus ``online`` spectral adaptation (offline peak as reference)
+``steplaw_formula``  the same schedule as ``lrscale_offline`` at the published Step Law peak
+``schedulefree``     Schedule-Free AdamW, no schedule, its own warmup (:mod:`.optimizers`)
+``prodigy``          Prodigy, lr 1.0 under warmup + cosine to 0 (:mod:`.optimizers`)
 ``cosine_grid_best`` ``cosine`` at each ``grid.lrs`` value; the best mean final loss is reported
-=================  ==========================================================================
+===================  ==========================================================================
 
 A run's identity is the hash of its full, validated train config, so a grid point equal to the
 baseline LR reuses the ``cosine`` runs and a rerun of the job finds finished runs on disk.
@@ -25,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lrscale_megatron.compare.config import CompareConfig
+from lrscale_megatron.compare.config import CompareConfig, CompareConfigError
 from lrscale_megatron.train.config import TrainConfig, apply_overrides, config_from_dict, load_deepspeed_json
 
 logger = logging.getLogger(__name__)
@@ -36,8 +40,10 @@ class RunSpec:
     """One training run.
 
     Attributes:
-        schedule: ``cosine`` (DeepSpeed WarmupCosineLR), ``inverse_sqrt``, ``lrscale`` or ``lrscale_online``.
-        peak_lr: the schedule's peak (for ``lrscale_online``: the offline reference the adaptation starts from).
+        schedule: ``cosine`` (DeepSpeed WarmupCosineLR), ``inverse_sqrt``, ``lrscale``, ``lrscale_online``,
+            ``schedulefree`` (Schedule-Free AdamW) or ``prodigy``.
+        peak_lr: the schedule's peak (for ``lrscale_online``: the offline reference the adaptation starts
+            from; for ``prodigy``: its LR multiplier, 1.0).
         seed: ``training.seed``.
     """
 
@@ -48,7 +54,7 @@ class RunSpec:
 
 @dataclass(frozen=True)
 class OfflinePeak:
-    """The LRScale arms' offline peak and where it came from (law inputs, interval, extrapolation warnings)."""
+    """A law's peak for the target and where it came from (law inputs, interval, extrapolation warnings)."""
 
     peak_lr: float
     source: str
@@ -71,8 +77,6 @@ def base_train_raw(cfg: CompareConfig) -> tuple[dict[str, Any], Path]:
     DeepSpeed JSON loaded inline; plus the folder relative paths resolve against."""
     path = cfg.train_config_path()
     if not path.is_file():
-        from lrscale_megatron.compare.config import CompareConfigError
-
         raise CompareConfigError(
             "train_config",
             cfg.train_config,
@@ -86,7 +90,7 @@ def base_train_raw(cfg: CompareConfig) -> tuple[dict[str, Any], Path]:
         raw,
         [
             *cfg.overrides,
-            f"training.steps={cfg.steps}",
+            *([f"training.steps={cfg.steps}"] if cfg.steps is not None else []),
             f"training.eval_every={cfg.eval_every}",
             "training.output_dir=null",
             "checkpoint.dir=null",
@@ -96,12 +100,17 @@ def base_train_raw(cfg: CompareConfig) -> tuple[dict[str, Any], Path]:
     return raw, path.parent
 
 
-def offline_peak(cfg: CompareConfig) -> OfflinePeak:
-    """``lrscale.peak_lr``, or the law's prediction for the train config's sizes (the same inputs the
-    DeepSpeed integration fills for ``"model": "auto"``: non-embedding params, run tokens, batch tokens)."""
-    if cfg.lrscale.peak_lr is not None:
-        return OfflinePeak(peak_lr=cfg.lrscale.peak_lr, source="lrscale.peak_lr (given)")
-    from lrscale_megatron.law.lawfile import load_law
+def non_embedding_params(cfg: CompareConfig) -> int:
+    """The target model's non-embedding parameters (the law's ``params``; ``N`` of ``6 N D``)."""
+    raw, base = base_train_raw(cfg)
+    raw["training"]["lr"] = cfg.baseline.lr
+    return int(config_from_dict(raw, base_dir=base).model.num_non_embedding_params())
+
+
+def law_peak(cfg: CompareConfig, law: str) -> OfflinePeak:
+    """``law``'s prediction for the train config's sizes (the same inputs the DeepSpeed integration fills
+    for ``"model": "auto"``: non-embedding params, run tokens, batch tokens, width, depth)."""
+    from lrscale_megatron.law.lawfile import LawFileError, load_law
     from lrscale_megatron.law.predict import predict
 
     raw, base = base_train_raw(cfg)
@@ -109,9 +118,14 @@ def offline_peak(cfg: CompareConfig) -> OfflinePeak:
     tc = config_from_dict(raw, base_dir=base)
     m, t = tc.model, tc.training
     batch_tokens = t.global_batch_size * m.seq_length
-    assert cfg.lrscale.law is not None  # CompareConfig guarantees exactly one of law / peak_lr
+    try:
+        loaded = load_law(law)
+    except LawFileError as e:
+        raise CompareConfigError(
+            "law", law, str(e), "give a shipped law name or an existing law file (lrscale tune / fit)"
+        ) from None
     pred = predict(
-        load_law(cfg.lrscale.law),
+        loaded,
         params=float(m.num_non_embedding_params()),
         tokens=float(t.steps * batch_tokens),
         batch_tokens=float(batch_tokens),
@@ -119,17 +133,34 @@ def offline_peak(cfg: CompareConfig) -> OfflinePeak:
         depth=m.num_layers,
     )
     for w in pred.warnings:
-        logger.warning("compare: law %s: %s", cfg.lrscale.law, w)
+        logger.warning("compare: law %s: %s", law, w)
     return OfflinePeak(
         peak_lr=float(pred.peak_lr),
-        source=f"law {cfg.lrscale.law}",
+        source=f"law {law}",
         interval=(float(pred.interval[0]), float(pred.interval[1])),
         inputs={k: float(v) for k, v in pred.inputs.items()},
         warnings=tuple(pred.warnings),
     )
 
 
-def arm_runs(cfg: CompareConfig, arm: str, peak: OfflinePeak) -> dict[float, list[RunSpec]]:
+def offline_peak(cfg: CompareConfig) -> OfflinePeak:
+    """The LRScale arms' peak: ``lrscale.peak_lr``, or ``lrscale.law``'s prediction (:func:`law_peak`)."""
+    if cfg.lrscale.peak_lr is not None:
+        return OfflinePeak(peak_lr=cfg.lrscale.peak_lr, source="lrscale.peak_lr (given)")
+    if cfg.lrscale.law is None:
+        raise CompareConfigError("lrscale.law", None, "is missing", "give a law or peak_lr")
+    return law_peak(cfg, cfg.lrscale.law)
+
+
+def peaks_for(cfg: CompareConfig) -> dict[str, OfflinePeak]:
+    """``{"lrscale": ..., "steplaw": ...}``: the law peaks the arms in ``cfg`` need."""
+    out = {"lrscale": offline_peak(cfg)}
+    if "steplaw_formula" in cfg.arms:
+        out["steplaw"] = law_peak(cfg, cfg.steplaw.law)
+    return out
+
+
+def arm_runs(cfg: CompareConfig, arm: str, peaks: dict[str, OfflinePeak]) -> dict[float, list[RunSpec]]:
     """The runs of one arm, by peak LR (one LR except for the grid)."""
     b = cfg.baseline.lr
     if arm == "cosine":
@@ -137,31 +168,47 @@ def arm_runs(cfg: CompareConfig, arm: str, peak: OfflinePeak) -> dict[float, lis
     elif arm == "inverse_sqrt":
         lrs, sched = [b], "inverse_sqrt"
     elif arm == "lrscale_offline":
-        lrs, sched = [peak.peak_lr], "lrscale"
+        lrs, sched = [peaks["lrscale"].peak_lr], "lrscale"
     elif arm == "lrscale_online":
-        lrs, sched = [peak.peak_lr], "lrscale_online"
+        lrs, sched = [peaks["lrscale"].peak_lr], "lrscale_online"
+    elif arm == "steplaw_formula":
+        lrs, sched = [peaks["steplaw"].peak_lr], "lrscale"
+    elif arm == "schedulefree":
+        lrs, sched = [cfg.schedulefree.lr], "schedulefree"
+    elif arm == "prodigy":
+        lrs, sched = [cfg.prodigy.lr], "prodigy"
     elif arm == "cosine_grid_best":
-        assert cfg.grid is not None  # CompareConfig guarantees it
+        if cfg.grid is None:
+            raise CompareConfigError("grid", None, "is required with the cosine_grid_best arm", "add a grid")
         lrs, sched = list(cfg.grid.lrs), "cosine"
     else:
         raise ValueError(f"unknown arm {arm!r}")
     return {lr: [RunSpec(sched, float(lr), s) for s in cfg.seeds] for lr in lrs}
 
 
-def scheduler_block(cfg: CompareConfig, spec: RunSpec) -> dict[str, Any]:
-    """The DeepSpeed ``scheduler`` block of one run (``"auto"`` = filled from the training section)."""
+def _warmup_cosine(cfg: CompareConfig, floor: float) -> dict[str, Any]:
+    return {
+        "type": "WarmupCosineLR",
+        "params": {
+            "total_num_steps": "auto",
+            "warmup_num_steps": "auto",
+            "warmup_min_ratio": 0.0,
+            "cos_min_ratio": floor,
+            "warmup_type": cfg.baseline.warmup_type,
+        },
+    }
+
+
+def scheduler_block(cfg: CompareConfig, spec: RunSpec) -> dict[str, Any] | None:
+    """The DeepSpeed ``scheduler`` block of one run (``"auto"`` = filled from the training section);
+    ``None`` for Schedule-Free (no schedule: its warmup is in the optimizer)."""
     floor = cfg.min_lr_ratio
     if spec.schedule == "cosine":
-        return {
-            "type": "WarmupCosineLR",
-            "params": {
-                "total_num_steps": "auto",
-                "warmup_num_steps": "auto",
-                "warmup_min_ratio": 0.0,
-                "cos_min_ratio": floor,
-                "warmup_type": cfg.baseline.warmup_type,
-            },
-        }
+        return _warmup_cosine(cfg, floor)
+    if spec.schedule == "prodigy":
+        return _warmup_cosine(cfg, 0.0)  # the authors' CosineAnnealingLR(T_max=total_steps): down to 0
+    if spec.schedule == "schedulefree":
+        return None
     params: dict[str, Any] = {"peak_lr": "auto", "warmup_steps": "auto", "total_steps": "auto"}
     if spec.schedule == "inverse_sqrt":
         params.update(decay_style="inverse_sqrt", min_lr=0.0)
@@ -175,11 +222,38 @@ def scheduler_block(cfg: CompareConfig, spec: RunSpec) -> dict[str, Any]:
     return {"type": "LRScale", "params": params}
 
 
+def optimizer_block(cfg: CompareConfig, spec: RunSpec, raw: dict[str, Any]) -> dict[str, Any] | None:
+    """The LR-free arms' DeepSpeed ``optimizer`` block (a client optimizer, :mod:`.optimizers`) with the
+    train config's AdamW betas / eps / weight decay; ``None``: keep the train config's optimizer."""
+    from lrscale_megatron.compare.optimizers import PRODIGY, SCHEDULEFREE
+
+    if spec.schedule not in ("schedulefree", "prodigy"):
+        return None
+    adamw = dict((raw["deepspeed"].get("optimizer") or {}).get("params", {}))
+    params: dict[str, Any] = {k: adamw[k] for k in ("betas", "eps", "weight_decay") if k in adamw}
+    params["lr"] = "auto"
+    if spec.schedule == "schedulefree":
+        params["warmup_steps"] = int(raw["training"].get("warmup_steps", 0))
+        return {"type": SCHEDULEFREE, "params": params}
+    p = cfg.prodigy
+    params.update(
+        d_coef=p.d_coef, safeguard_warmup=p.safeguard_warmup, use_bias_correction=p.use_bias_correction
+    )
+    return {"type": PRODIGY, "params": params}
+
+
 def train_config_for(cfg: CompareConfig, spec: RunSpec) -> TrainConfig:
     """The validated train config of one run."""
     raw, base = base_train_raw(cfg)
     raw = apply_overrides(raw, [f"training.lr={spec.peak_lr!r}", f"training.seed={spec.seed}"])
-    raw["deepspeed"] = {**raw["deepspeed"], "scheduler": scheduler_block(cfg, spec)}
+    ds = {k: v for k, v in raw["deepspeed"].items() if k != "scheduler"}
+    sched = scheduler_block(cfg, spec)
+    if sched is not None:
+        ds["scheduler"] = sched
+    opt = optimizer_block(cfg, spec, raw)
+    if opt is not None:
+        ds["optimizer"] = opt
+    raw["deepspeed"] = ds
     return config_from_dict(raw, base_dir=base, source=f"{cfg.source}:{spec.schedule}")
 
 

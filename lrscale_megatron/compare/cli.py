@@ -4,6 +4,7 @@ One process (CPU)::
 
     lrscale compare configs/compare/cpu-demo.json
     lrscale compare configs/compare/cpu-bench.json --set output_dir=out/bench seeds=[0,1,2]
+    lrscale compare configs/compare/cpu-demo.json --set workers=2   # 2 runs at once (2 cores)
 
 One node (every rank trains every run together; all ranks must see ``output_dir``)::
 
@@ -35,12 +36,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="edit the compare config, e.g. output_dir=out/x steps=50 seeds=[0,1] (values are JSON)",
     )
     p.add_argument("--force", action="store_true", help="retrain runs already saved under <output_dir>/runs/")
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)  # a process of "workers": N
 
 
 def add_subcommand(subparsers: argparse._SubParsersAction) -> None:
     """Register ``compare`` on the ``lrscale`` command's sub-parsers."""
     sp = subparsers.add_parser(
-        "compare", help="LRScale vs cosine / inverse-sqrt / tuned-grid baselines: time to target loss"
+        "compare",
+        help="LRScale vs copied-LR, Step Law, LR-free and tuned-grid baselines: time to target loss",
     )
     add_arguments(sp)
     sp.set_defaults(func=run)
@@ -57,17 +60,26 @@ def run(args: argparse.Namespace) -> int:
         return 2
     import torch.distributed as dist
 
-    from lrscale_megatron.compare.report import time_to_target_table, write_report
-    from lrscale_megatron.compare.runner import run_compare
+    from lrscale_megatron.compare.markdown import checks_table, time_to_target_table
+    from lrscale_megatron.compare.report import write_report
+    from lrscale_megatron.compare.runner import run_compare, run_worker
     from lrscale_megatron.launch import shutdown
 
     out = Path(cfg.output_dir)
+    if getattr(args, "worker", False):
+        try:
+            n = run_worker(cfg, out, force=args.force)
+            logger.info("compare worker: trained %d runs", n)
+        finally:
+            shutdown()
+        return 0
     try:
         runs = run_compare(cfg, out, force=args.force)
         if not dist.is_initialized() or dist.get_rank() == 0:
             rep = write_report(runs, out)
             print(f"\ntarget validation loss {rep['target_loss']:.4f} ({rep['target_rule']})", flush=True)
             print(time_to_target_table(rep), flush=True)
+            print("\n" + checks_table(rep), flush=True)
             print(
                 f"\nreport: {out / 'report.md'}  (JSON: {out / 'report.json'}; plots: "
                 f"{', '.join(str(out / p) for p in rep['plots'])})",

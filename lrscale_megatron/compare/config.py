@@ -1,31 +1,37 @@
-"""The comparison job's typed config: one JSON file (``configs/compare/*.json``), frozen dataclasses.
+"""The comparison job's typed config: one JSON file (``configs/compare/*.json``), pydantic v2 models on the
+shared base (:class:`lrscale_megatron.configs.ConfigModel`: unknown keys with did-you-mean, strict types,
+errors naming the field path, the value, the problem and the fix).
 
     {
-      "train_config": "../gpt/cpu-tiny.json",         # relative to this file
-      "overrides": ["training.micro_batch_size=8"],   # applied to every arm (not steps/lr/seed/deepspeed)
-      "steps": 100, "seeds": [0, 1], "eval_every": 10,
+      "train_config": "../gpt/cpu-target.json",        # relative to this file
+      "overrides": ["training.log_every=100"],         # applied to every arm (not steps/lr/seed/deepspeed)
+      "steps": 300, "seeds": [0, 1], "eval_every": 10,
       "output_dir": "out/compare/cpu-demo",
       "baseline": {"lr": 6e-4, "justification": "GPT-3 Small (125M), Brown et al. 2020 Table 2.1"},
       "target": {"rule": "cosine_final", "reduce": "max", "margin": 0.01},
-      "lrscale": {"law": "steplaw-dense", "online": {"enabled": true, "adapt_every": 25}},
-      "arms": ["cosine", "inverse_sqrt", "lrscale_offline", "lrscale_online", "cosine_grid_best"],
-      "grid": {"lrs": [3e-4, 1e-3, 3e-3, 1e-2]}
+      "lrscale": {"law": "out/tune/cpu-demo/law.json", "online": {"adapt_every": 100}},
+      "steplaw": {"law": "steplaw-published"},
+      "schedulefree": {"lr": 0.0025}, "prodigy": {"d_coef": 1.0},
+      "arms": ["cosine", "inverse_sqrt", "lrscale_offline", "lrscale_online", "steplaw_formula",
+               "schedulefree", "prodigy", "cosine_grid_best"],
+      "grid": {"lrs": [3e-4, 1e-3, 3e-3, 1e-2]},
+      "tune": "out/tune/cpu-demo"                      # the proxy ladder's cost, for compute-to-tuned-LR
     }
 
 Units: ``steps``, ``eval_every`` and ``adapt_every`` count optimizer iterations. Keys starting with ``_``
-are comments. Every error names the field, the value and the fix.
+are comments. JSON schema for editors: ``CompareConfig.json_schema()``.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import difflib
 import json
 import math
-from collections.abc import Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
+
+from pydantic import BeforeValidator, Field, field_validator, model_validator
+
+from lrscale_megatron.configs import ConfigError, ConfigModel
 
 #: Every arm the job knows, in the order it runs them (``cosine`` first: the target may derive from it).
 ARM_NAMES: tuple[str, ...] = (
@@ -33,100 +39,103 @@ ARM_NAMES: tuple[str, ...] = (
     "inverse_sqrt",
     "lrscale_offline",
     "lrscale_online",
+    "steplaw_formula",
+    "schedulefree",
+    "prodigy",
     "cosine_grid_best",
 )
 REQUIRED_ARMS: tuple[str, ...] = ARM_NAMES[:4]
-TARGET_RULES = ("fixed", "cosine_final")
-REDUCERS = ("min", "mean", "max")
+ArmName = Literal[
+    "cosine",
+    "inverse_sqrt",
+    "lrscale_offline",
+    "lrscale_online",
+    "steplaw_formula",
+    "schedulefree",
+    "prodigy",
+    "cosine_grid_best",
+]
 #: Training keys the compare config owns (one path per setting): set them here, not in ``overrides``.
 OWNED_KEYS = ("training.steps", "training.lr", "training.seed", "training.eval_every", "deepspeed")
 
 
-class CompareConfigError(ValueError):
+class CompareConfigError(ConfigError):
     """A bad compare-config value: names the field, the value, what is wrong and the fix."""
 
-    def __init__(self, field_name: str, value: Any, problem: str, fix: str) -> None:
-        self.field_name, self.value, self.problem, self.fix = field_name, value, problem, fix
-        super().__init__(f"{field_name}={value!r}: {problem}. Fix: {fix}")
+
+def _list_to_tuple(v: Any) -> Any:
+    """JSON has no tuples: accept a list where a tuple is declared (its items stay strictly typed)."""
+    return tuple(v) if isinstance(v, list) else v
 
 
-def _finite_positive(where: str, v: Any, fix: str) -> None:
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
-        raise CompareConfigError(where, v, "must be a finite number > 0", fix)
+_Tuple = BeforeValidator(_list_to_tuple)
 
 
-@dataclass(frozen=True)
-class BaselineConfig:
-    """The hand-set baseline LR that the ``cosine`` and ``inverse_sqrt`` arms use.
+def _finite_positive(name: str, v: float | None, fix: str) -> None:
+    if v is not None and not (math.isfinite(v) and v > 0):
+        raise CompareConfigError(name, v, "must be a finite number > 0", fix)
 
-    Attributes:
-        lr: peak LR of the baseline arms.
-        justification: where the value comes from (a paper table, a framework example default); required,
-            printed in the report next to the number.
-        warmup_type: DeepSpeed ``WarmupCosineLR`` warmup shape for the ``cosine`` arms: ``linear`` (the
-            same ramp as LRScale's, so arms differ only in the peak and decay) or ``log`` (DeepSpeed's
-            default).
-    """
+
+class _Model(ConfigModel):
+    error_class = CompareConfigError
+
+
+class BaselineConfig(_Model):
+    """The copied LR that the ``cosine`` and ``inverse_sqrt`` arms use."""
 
     lr: float
-    justification: str
-    warmup_type: str = "linear"
+    """Peak LR of the baseline arms."""
+    justification: str = Field(json_schema_extra={"fix": "say where the baseline LR comes from"})
+    """Where the value comes from (a paper table, a framework example default); printed in the report."""
+    warmup_type: Literal["linear", "log"] = "linear"
+    """DeepSpeed ``WarmupCosineLR`` warmup shape: ``linear`` (LRScale's ramp, so arms differ only in the
+    peak and decay) or ``log`` (DeepSpeed's default)."""
 
-    def __post_init__(self) -> None:
-        _finite_positive("baseline.lr", self.lr, "give the baseline peak LR, e.g. 6e-4")
-        if not isinstance(self.justification, str) or len(self.justification.strip()) < 10:
+    @field_validator("lr")
+    @classmethod
+    def _lr(cls, v: float) -> float:
+        _finite_positive("lr", v, "give the baseline peak LR, e.g. 6e-4")
+        return v
+
+    @field_validator("justification")
+    @classmethod
+    def _justification(cls, v: str) -> str:
+        if len(v.strip()) < 10:
             raise CompareConfigError(
-                "baseline.justification",
-                self.justification,
+                "justification",
+                v,
                 "is missing or too short",
                 "say where the baseline LR comes from (e.g. 'GPT-3 paper Table 2.1, 125M model')",
             )
-        if self.warmup_type not in ("linear", "log"):
-            raise CompareConfigError(
-                "baseline.warmup_type", self.warmup_type, "unknown warmup", "use 'linear' or 'log'"
-            )
+        return v
 
 
-@dataclass(frozen=True)
-class TargetConfig:
-    """The validation loss every arm races to.
+class TargetConfig(_Model):
+    """The validation loss every arm races to."""
 
-    Attributes:
-        rule: ``fixed`` (``loss`` as given) or ``cosine_final``: ``reduce`` over the seeds of the ``cosine``
-            arm's final validation loss, times ``1 + margin``. With ``reduce = "max"`` every cosine seed
-            reaches the target within its budget, so the baseline's steps-to-target is always defined.
-        loss: the target for ``fixed`` (nats/token).
-        reduce: ``min`` | ``mean`` | ``max`` over cosine seeds (``cosine_final`` only).
-        margin: relative slack added to the cosine loss (``cosine_final`` only), >= 0.
-    """
-
-    rule: str = "cosine_final"
+    rule: Literal["fixed", "cosine_final"] = "cosine_final"
+    """``fixed`` (``loss`` as given) or ``cosine_final``: ``reduce`` over the seeds of the ``cosine`` arm's
+    final validation loss, times ``1 + margin``."""
     loss: float | None = None
-    reduce: str = "max"
+    """The target for ``fixed`` (nats/token)."""
+    reduce: Literal["min", "mean", "max"] = "max"
+    """Reducer over cosine seeds (``cosine_final`` only)."""
     margin: float = 0.01
+    """Relative slack added to the cosine loss (``cosine_final`` only), >= 0."""
 
-    def __post_init__(self) -> None:
-        if self.rule not in TARGET_RULES:
-            raise CompareConfigError("target.rule", self.rule, "unknown rule", f"use one of {TARGET_RULES}")
+    @model_validator(mode="after")
+    def _check(self) -> TargetConfig:
         if self.rule == "fixed":
             if self.loss is None:
-                raise CompareConfigError("target.loss", None, "is required with rule='fixed'", "give a loss")
-            _finite_positive("target.loss", self.loss, "give a validation loss in nats/token")
+                raise CompareConfigError("loss", None, "is required with rule='fixed'", "give a loss")
+            _finite_positive("loss", self.loss, "give a validation loss in nats/token")
         elif self.loss is not None:
             raise CompareConfigError(
-                "target.loss", self.loss, "is only used with rule='fixed'", "remove it, or set rule='fixed'"
+                "loss", self.loss, "is only used with rule='fixed'", "remove it, or set rule='fixed'"
             )
-        if self.reduce not in REDUCERS:
-            raise CompareConfigError(
-                "target.reduce", self.reduce, "unknown reducer", f"use one of {REDUCERS}"
-            )
-        if (
-            isinstance(self.margin, bool)
-            or not isinstance(self.margin, (int, float))
-            or not math.isfinite(self.margin)
-            or self.margin < 0
-        ):
-            raise CompareConfigError("target.margin", self.margin, "must be a finite number >= 0", "use 0.01")
+        if not (math.isfinite(self.margin) and self.margin >= 0):
+            raise CompareConfigError("margin", self.margin, "must be a finite number >= 0", "use 0.01")
+        return self
 
     def describe(self) -> str:
         if self.rule == "fixed":
@@ -134,140 +143,175 @@ class TargetConfig:
         return f"{self.reduce} over seeds of the cosine arm's final val loss x (1 + {self.margin})"
 
 
-@dataclass(frozen=True)
-class LRScaleArmConfig:
-    """How the LRScale arms get their peak.
-
-    Attributes:
-        law: preset name or law-file path; the peak is ``lrscale_megatron.law.predict`` for the model's
-            non-embedding parameters, the run's tokens and the batch tokens (exclusive with ``peak_lr``).
-        peak_lr: an explicit offline peak instead of a law.
-        decay_style: LRScale decay for both LRScale arms (``cosine`` | ``inverse_sqrt`` | ``wsd`` |
-            ``constant`` | ``linear``).
-        online: the ``online`` block of the scheduler params for ``lrscale_online``
-            (:class:`lrscale_megatron.adapter.OnlineConfig`; ``enabled`` is forced to true).
-    """
+class LRScaleArmConfig(_Model):
+    """How the LRScale arms get their peak."""
 
     law: str | None = "steplaw-dense"
+    """Shipped law name or law-file path (e.g. ``lrscale tune``'s ``law.json``); the peak is
+    ``lrscale_megatron.law.predict`` for the model's non-embedding parameters, the run's tokens and the
+    batch tokens. Exclusive with ``peak_lr``."""
     peak_lr: float | None = None
+    """An explicit offline peak instead of a law."""
     decay_style: str = "cosine"
-    online: dict[str, Any] = field(default_factory=dict)
+    """LRScale decay for both LRScale arms and ``steplaw_formula`` (``cosine`` | ``inverse_sqrt`` | ``wsd``
+    | ``constant`` | ``linear``)."""
+    online: dict[str, Any] = Field(default_factory=dict)
+    """The ``online`` block of the scheduler params for ``lrscale_online``
+    (:class:`lrscale_megatron.adapter.OnlineConfig`; ``enabled`` is forced to true)."""
 
-    def __post_init__(self) -> None:
+    @model_validator(mode="after")
+    def _check(self) -> LRScaleArmConfig:
         if (self.law is None) == (self.peak_lr is None):
             raise CompareConfigError(
-                "lrscale.law",
-                self.law,
-                f"give exactly one of law and peak_lr (peak_lr={self.peak_lr})",
-                "keep one",
+                "law", self.law, f"give exactly one of law and peak_lr (peak_lr={self.peak_lr})", "keep one"
             )
-        if self.peak_lr is not None:
-            _finite_positive("lrscale.peak_lr", self.peak_lr, "give a peak LR or use law")
+        _finite_positive("peak_lr", self.peak_lr, "give a peak LR or use law")
         from lrscale_megatron.schedule import DECAY_STYLES
 
         if self.decay_style not in DECAY_STYLES:
             raise CompareConfigError(
-                "lrscale.decay_style", self.decay_style, "unknown decay style", f"use one of {DECAY_STYLES}"
+                "decay_style", self.decay_style, "unknown decay style", f"use one of {DECAY_STYLES}"
             )
-        if not isinstance(self.online, Mapping):
-            raise CompareConfigError(
-                "lrscale.online", self.online, "must be a mapping", 'write "online": {...}'
-            )
+        return self
 
 
-@dataclass(frozen=True)
-class GridConfig:
-    """The tuned baseline: the ``cosine`` schedule at each LR, all seeds; the best mean final loss wins.
+class SteplawArmConfig(_Model):
+    """The ``steplaw_formula`` arm: LRScale's schedule at a published law's peak (no fit of ours)."""
 
-    Attributes:
-        lrs: peak LRs (>= 2; a value equal to ``baseline.lr`` reuses the ``cosine`` arm's runs).
-    """
-
-    lrs: tuple[float, ...] = ()
-
-    def __post_init__(self) -> None:
-        if len(self.lrs) < 2:
-            raise CompareConfigError(
-                "grid.lrs", list(self.lrs), "needs at least 2 LRs", "give e.g. [3e-4, 1e-3, 3e-3]"
-            )
-        for i, lr in enumerate(self.lrs):
-            _finite_positive(f"grid.lrs[{i}]", lr, "give positive LRs")
+    law: str = "steplaw-published"
+    """The published law (Li et al. 2025, Step Law: ``1.79 N^-0.713 D^0.307``) or another law file."""
 
 
-@dataclass(frozen=True)
-class CompareConfig:
-    """The whole comparison (see the module docstring).
+class ScheduleFreeArmConfig(_Model):
+    """``schedulefree``: Schedule-Free AdamW (Defazio et al. 2024, ``schedulefree`` package) at its authors'
+    recommended settings (facebookresearch/schedule_free README): no LR schedule, warmup through the
+    optimizer's ``warmup_steps`` (= ``training.warmup_steps``), ``beta1`` 0.9; betas, eps and weight
+    decay are the train config's AdamW values (the same as every other arm)."""
 
-    Attributes:
-        train_config: the GPT pretraining config every arm trains (path, resolved against ``source``'s folder).
-        overrides: ``key=value`` edits of the train config for every arm (keys in :data:`OWNED_KEYS` refused).
-        steps: optimizer iterations of every run (equal compute across arms).
-        seeds: one run per seed per arm (``training.seed``: weights and RNG); >= 2 for a spread.
-        eval_every: iterations between validation losses: the resolution of steps-to-target.
-        output_dir: where ``report.md``, ``report.json``, the PNGs and ``runs/`` go (relative to the cwd).
-        baseline, target, lrscale, grid: see their classes.
-        arms: which arms to run (the four required ones, plus ``cosine_grid_best`` optionally).
-        min_lr_ratio: floor of the cosine-type decays as a fraction of the peak (GPT-3: 0.1), same for
-            every arm.
-        source: the file this came from.
-    """
+    lr: float = 0.0025
+    """The package's default LR; the README advises 1x-10x the schedule-based AdamW LR (here 4.2x the
+    copied 6e-4)."""
+
+    @field_validator("lr")
+    @classmethod
+    def _lr(cls, v: float) -> float:
+        _finite_positive("lr", v, "use the package default 0.0025")
+        return v
+
+
+class ProdigyArmConfig(_Model):
+    """``prodigy``: Prodigy (Mishchenko & Defazio 2024, ``prodigyopt``) at its authors' recommended
+    settings (konstmish/prodigy README): ``lr=1.0`` under cosine annealing to 0 over the run,
+    ``safeguard_warmup=True`` with linear warmup, ``use_bias_correction=True``; betas, eps and
+    decoupled weight decay are the train config's AdamW values."""
+
+    lr: float = 1.0
+    """Prodigy's LR multiplier (the README: "we recommend using lr=1. for all networks")."""
+    d_coef: float = 1.0
+    """Scale of the estimated step size (README default 1.0)."""
+    safeguard_warmup: bool = True
+    """README: set when a linear warmup is used (every arm here warms up)."""
+    use_bias_correction: bool = True
+    """README: recommended with ``safeguard_warmup``."""
+
+    @model_validator(mode="after")
+    def _check(self) -> ProdigyArmConfig:
+        _finite_positive("lr", self.lr, "use 1.0 (the authors' recommendation)")
+        _finite_positive("d_coef", self.d_coef, "use 1.0")
+        return self
+
+
+class GridConfig(_Model):
+    """The tuned baseline: the ``cosine`` schedule at each LR, all seeds; the best mean final loss wins."""
+
+    lrs: Annotated[tuple[float, ...], _Tuple] = ()
+    """Peak LRs (>= 2; a value equal to ``baseline.lr`` reuses the ``cosine`` arm's runs)."""
+
+    @field_validator("lrs")
+    @classmethod
+    def _lrs(cls, v: tuple[float, ...]) -> tuple[float, ...]:
+        if len(v) < 2:
+            raise CompareConfigError("lrs", list(v), "needs at least 2 LRs", "give e.g. [3e-4, 1e-3, 3e-3]")
+        for i, lr in enumerate(v):
+            _finite_positive(f"lrs.{i}", lr, "give positive LRs")
+        return v
+
+
+class CompareConfig(_Model):
+    """The whole comparison (see the module docstring)."""
 
     train_config: str
-    steps: int
-    seeds: tuple[int, ...]
-    baseline: BaselineConfig
-    overrides: tuple[str, ...] = ()
+    """The GPT pretraining config every arm trains (path, resolved against ``source``'s folder)."""
+    steps: int | None = None
+    """Optimizer iterations of every run (equal compute across arms). ``None``: the train config's
+    ``training.steps`` (the length ``lrscale tune`` tuned the law for), filled in when loading."""
+    seeds: Annotated[tuple[int, ...], _Tuple]
+    """One run per seed per arm (``training.seed``: weights and RNG); >= 2 for a spread."""
+    baseline: BaselineConfig = Field(
+        json_schema_extra={"fix": 'add "baseline": {"lr": ..., "justification": ...}'}
+    )
+    """The copied LR of the ``cosine`` and ``inverse_sqrt`` arms."""
+    overrides: Annotated[tuple[str, ...], _Tuple] = ()
+    """``key=value`` edits of the train config for every arm (keys in :data:`OWNED_KEYS` refused)."""
     eval_every: int = 10
+    """Iterations between validation losses: the resolution of steps-to-target."""
     output_dir: str = "out/compare"
-    target: TargetConfig = field(default_factory=TargetConfig)
-    lrscale: LRScaleArmConfig = field(default_factory=LRScaleArmConfig)
-    arms: tuple[str, ...] = REQUIRED_ARMS
+    """Where ``report.md``, ``report.json``, the PNGs and ``runs/`` go (relative to the cwd)."""
+    target: TargetConfig = TargetConfig()
+    lrscale: LRScaleArmConfig = LRScaleArmConfig()
+    steplaw: SteplawArmConfig = SteplawArmConfig()
+    schedulefree: ScheduleFreeArmConfig = ScheduleFreeArmConfig()
+    prodigy: ProdigyArmConfig = ProdigyArmConfig()
+    arms: Annotated[tuple[ArmName, ...], _Tuple] = REQUIRED_ARMS  # type: ignore[assignment]
+    """Which arms to run: the four required ones plus any of ``steplaw_formula``, ``schedulefree``,
+    ``prodigy``, ``cosine_grid_best``."""
     grid: GridConfig | None = None
+    """The cosine LR grid (required with ``cosine_grid_best``)."""
     min_lr_ratio: float = 0.1
+    """Floor of the cosine-type decays as a fraction of the peak (GPT-3: 0.1), same for every arm."""
+    workers: int = 1
+    """Local worker processes that train the runs at once (one process each, single-threaded on CPU; use
+    the number of cores). Ignored under torchrun, where every rank trains every run together."""
+    tune: str | None = None
+    """``lrscale tune``'s output folder (or its ``prediction.json``), relative to the cwd: the proxy
+    ladder's cost for the report's compute-to-a-tuned-LR table. ``None``: that table says unknown."""
     source: str = "<dict>"
+    """The file this came from (set by :func:`load_compare_config`)."""
 
-    def __post_init__(self) -> None:
-        if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 2:
+    @field_validator("steps")
+    @classmethod
+    def _steps(cls, v: int | None) -> int | None:
+        if v is not None and v < 2:
+            raise CompareConfigError("steps", v, "must be an integer >= 2", "give optimizer iterations")
+        return v
+
+    @field_validator("workers")
+    @classmethod
+    def _workers(cls, v: int) -> int:
+        if v < 1:
+            raise CompareConfigError("workers", v, "must be an integer >= 1", "use 1, or the number of cores")
+        return v
+
+    @field_validator("seeds")
+    @classmethod
+    def _seeds(cls, v: tuple[int, ...]) -> tuple[int, ...]:
+        if not v or any(s < 0 for s in v):
             raise CompareConfigError(
-                "steps", self.steps, "must be an integer >= 2", "give optimizer iterations"
+                "seeds", list(v), "must be a non-empty list of integers >= 0", "use [0, 1]"
             )
-        if not self.seeds or any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in self.seeds):
-            raise CompareConfigError(
-                "seeds", list(self.seeds), "must be a non-empty list of integers >= 0", "use [0, 1]"
-            )
-        if len(set(self.seeds)) != len(self.seeds):
-            raise CompareConfigError("seeds", list(self.seeds), "has duplicates", "list each seed once")
-        if (
-            isinstance(self.eval_every, bool)
-            or not isinstance(self.eval_every, int)
-            or not 1 <= self.eval_every <= self.steps
-        ):
-            raise CompareConfigError(
-                "eval_every",
-                self.eval_every,
-                f"must be an integer in [1, steps={self.steps}]",
-                "use e.g. steps // 20",
-            )
-        unknown = [a for a in self.arms if a not in ARM_NAMES]
-        if unknown:
-            raise CompareConfigError(
-                "arms", list(self.arms), f"unknown arms {unknown}", f"use names from {ARM_NAMES}"
-            )
-        missing = [a for a in REQUIRED_ARMS if a not in self.arms]
-        if missing:
-            raise CompareConfigError(
-                "arms", list(self.arms), f"misses the required arms {missing}", "list all four"
-            )
-        if "cosine_grid_best" in self.arms and self.grid is None:
-            raise CompareConfigError(
-                "grid", None, "is required with the cosine_grid_best arm", 'add "grid": {"lrs": [...]}'
-            )
-        for o in self.overrides:
-            key = o.split("=", 1)[0].strip()
+        if len(set(v)) != len(v):
+            raise CompareConfigError("seeds", list(v), "has duplicates", "list each seed once")
+        return v
+
+    @field_validator("overrides")
+    @classmethod
+    def _overrides(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        for o in v:
             if "=" not in o:
                 raise CompareConfigError(
                     "overrides", o, "is not key=value", "write e.g. training.micro_batch_size=8"
                 )
+            key = o.split("=", 1)[0].strip()
             if any(key == k or key.startswith(k + ".") for k in OWNED_KEYS):
                 raise CompareConfigError(
                     "overrides",
@@ -275,10 +319,33 @@ class CompareConfig:
                     f"sets {key}, which the compare config owns",
                     "use steps / seeds / eval_every / baseline / arms",
                 )
+        return v
+
+    @model_validator(mode="after")
+    def _check(self) -> CompareConfig:
+        if self.steps is not None and not 1 <= self.eval_every <= self.steps:
+            raise CompareConfigError(
+                "eval_every",
+                self.eval_every,
+                f"must be an integer in [1, steps={self.steps}]",
+                "use e.g. steps // 20",
+            )
+        if len(set(self.arms)) != len(self.arms):
+            raise CompareConfigError("arms", list(self.arms), "has duplicates", "list each arm once")
+        missing = [a for a in REQUIRED_ARMS if a not in self.arms]
+        if missing:
+            raise CompareConfigError(
+                "arms", list(self.arms), f"misses the required arms {missing}", f"list all of {REQUIRED_ARMS}"
+            )
+        if "cosine_grid_best" in self.arms and self.grid is None:
+            raise CompareConfigError(
+                "grid", None, "is required with the cosine_grid_best arm", 'add "grid": {"lrs": [...]}'
+            )
         if not (0.0 <= self.min_lr_ratio <= 1.0):
             raise CompareConfigError(
                 "min_lr_ratio", self.min_lr_ratio, "must be in [0, 1]", "use 0.1 (GPT-3)"
             )
+        return self
 
     @property
     def ordered_arms(self) -> tuple[str, ...]:
@@ -291,58 +358,31 @@ class CompareConfig:
         base = Path(self.source).parent if self.source != "<dict>" else Path.cwd()
         return base / p
 
-    def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        for k in ("seeds", "overrides", "arms"):
-            d[k] = list(d[k])
-        if d["grid"] is not None:
-            d["grid"]["lrs"] = list(d["grid"]["lrs"])
-        return d
 
-
-_SUB = {"baseline": BaselineConfig, "target": TargetConfig, "lrscale": LRScaleArmConfig, "grid": GridConfig}
-
-
-def _section(cls: Any, raw: Any, where: str) -> Any:
-    if not isinstance(raw, Mapping):
-        raise CompareConfigError(where, raw, "must be a mapping", f'write "{where}": {{...}}')
-    names = [f.name for f in dataclasses.fields(cls)]
-    kw: dict[str, Any] = {}
-    for k, v in raw.items():
-        if k.startswith("_"):
-            continue
-        if k not in names:
-            close = difflib.get_close_matches(k, names, n=1)
-            raise CompareConfigError(
-                f"{where}.{k}",
-                v,
-                "unknown key",
-                f"known keys: {names}" + (f" (did you mean {close[0]!r}?)" if close else ""),
-            )
-        kw[k] = tuple(v) if isinstance(v, list) else v
-    missing = [
-        f.name
-        for f in dataclasses.fields(cls)
-        if f.name not in kw and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
-    ]
-    if missing:
-        raise CompareConfigError(where, dict(raw), f"missing required keys {missing}", f"add {missing}")
-    return cls(**kw)
-
-
-def compare_config_from_dict(raw: Mapping[str, Any], source: str = "<dict>") -> CompareConfig:
-    """Validate a raw mapping (the JSON file's content)."""
-    if not isinstance(raw, Mapping):
-        raise CompareConfigError("<config>", raw, "must be a JSON object", 'write {"train_config": ..., ...}')
-    top = {k: v for k, v in raw.items() if not k.startswith("_")}
-    for k, cls in _SUB.items():
-        if k in top and top[k] is not None:
-            top[k] = _section(cls, top[k], k)
-    if "baseline" not in top:
+def _train_steps(cfg: CompareConfig) -> int:
+    """``training.steps`` of the train config file (for ``steps: null``)."""
+    path = cfg.train_config_path()
+    try:
+        steps = json.loads(path.read_text())["training"]["steps"]
+    except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
         raise CompareConfigError(
-            "baseline", None, "section is missing", 'add "baseline": {"lr": ..., "justification": ...}'
+            "steps", None, f"cannot be read from the train config {path} ({e!r})", "give steps explicitly"
+        ) from None
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 2:
+        raise CompareConfigError(
+            "steps", steps, f"from {path} is not an integer >= 2", "give steps explicitly"
         )
-    return _section(CompareConfig, {**top, "source": source}, "<config>")
+    return steps
+
+
+def compare_config_from_dict(raw: Any, source: str = "<dict>") -> CompareConfig:
+    """Validate a raw mapping (the JSON file's content); ``steps`` defaults to the train config's."""
+    if not isinstance(raw, dict):
+        raise CompareConfigError("<config>", raw, "must be a JSON object", 'write {"train_config": ..., ...}')
+    cfg = CompareConfig.from_dict({**raw, "source": source})
+    if cfg.steps is None:
+        cfg = CompareConfig.from_dict({**raw, "source": source, "steps": _train_steps(cfg)})
+    return cfg
 
 
 def load_compare_config(path: str | Path, overrides: list[str] | None = None) -> CompareConfig:

@@ -70,16 +70,22 @@ def write_plots(runs: CompareRuns, rep: dict[str, Any], out: Path, dpi: int = 11
     fig.savefig(out / FILES[0], dpi=dpi)
     plt.close(fig)
 
-    # 2. LR per iteration (every seed: the online arm's LR depends on its measurements).
+    # 2. LR per iteration (every seed: the online arm's LR depends on its measurements). Prodigy's LR is
+    # a multiplier of the step size it estimates (1.0), not comparable: left out and named.
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for arm, hs in hists.items():
+        if arm == "prodigy":
+            ax.text(0.02, 0.02, "prodigy: LR multiplier 1.0, not shown", transform=ax.transAxes, fontsize=8)
+            continue
         for i, h in enumerate(hs):
             ax.plot(
                 [r["step"] for r in h],
                 [r["lr"] for r in h],
                 color=color[arm],
                 lw=1,
-                label=arm if i == 0 else None,
+                label=(arm + (" (base LR; warmup inside the optimizer)" if arm == "schedulefree" else ""))
+                if i == 0
+                else None,
             )
     ax.set(xlabel="iteration", ylabel="learning rate", yscale="log", title="learning rate")
     ax.grid(alpha=0.3, which="both")

@@ -6,7 +6,8 @@ loses at most the run in flight, and a rerun picks up where it stopped. Delete `
 ``--force``) to retrain.
 
 Multi-process launches (torchrun) work when every rank sees the same ``output_dir``: all ranks check the
-same files and train the same runs together.
+same files and train the same runs together. ``"workers": N`` instead trains N runs at once in N local
+processes (:mod:`.workers`), then loads them all from disk.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from lrscale_megatron.compare.arms import (
     OfflinePeak,
     RunSpec,
     arm_runs,
-    offline_peak,
+    peaks_for,
     run_id,
     train_config_for,
 )
@@ -35,18 +36,24 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class CompareRuns:
-    """Everything the report needs: the config, the offline peak and each arm's runs by LR.
+    """Everything the report needs: the config, the law peaks and each arm's runs by LR.
 
-    ``arms[name][lr]`` lists one result dict per seed (``TrainResult.to_dict()`` plus ``run_id``, ``spec``).
+    ``peaks``: ``{"lrscale": ..., "steplaw": ...}`` (:func:`~.arms.peaks_for`). ``arms[name][lr]`` lists one
+    result dict per seed (``TrainResult.to_dict()`` plus ``run_id``, ``spec``, ``elapsed_s``).
     """
 
     config: CompareConfig
-    peak: OfflinePeak
+    peaks: dict[str, OfflinePeak]
     arms: dict[str, dict[float, list[dict[str, Any]]]] = field(default_factory=dict)
     started: float = field(default_factory=time.time)
     load_start: tuple[float, float, float] | None = None
     trained: int = 0
     reused: int = 0
+
+    @property
+    def peak(self) -> OfflinePeak:
+        """The LRScale arms' offline peak."""
+        return self.peaks["lrscale"]
 
 
 def _load_avg() -> tuple[float, float, float] | None:
@@ -93,20 +100,65 @@ def run_one(
     return res, True
 
 
-def run_compare(cfg: CompareConfig, output_dir: str | Path | None = None, force: bool = False) -> CompareRuns:
-    """Train (or load) every run of every arm in ``cfg.ordered_arms`` order; logs progress per arm."""
+def _plan(cfg: CompareConfig, peaks: dict[str, OfflinePeak]) -> dict[str, dict[float, list[RunSpec]]]:
+    return {arm: arm_runs(cfg, arm, peaks) for arm in cfg.ordered_arms}
+
+
+def _unique_ids(cfg: CompareConfig, plan: dict[str, dict[float, list[RunSpec]]]) -> list[tuple[str, RunSpec]]:
+    """Every distinct run of the plan (a grid point equal to the baseline is the cosine run), in order."""
+    seen: dict[str, RunSpec] = {}
+    for by_lr in plan.values():
+        for specs in by_lr.values():
+            for spec in specs:
+                seen.setdefault(run_id(spec, train_config_for(cfg, spec)), spec)
+    return list(seen.items())
+
+
+def run_worker(cfg: CompareConfig, output_dir: str | Path | None = None, force: bool = False) -> int:
+    """A worker of :mod:`.workers`: train every run of the plan that no other worker has claimed and that
+    is not on disk (or all it claims, with ``force``); returns the number trained."""
+    from lrscale_megatron.compare import optimizers
+    from lrscale_megatron.compare.workers import claim
+
     out = Path(output_dir or cfg.output_dir)
     runs_dir = out / "runs"
-    peak = offline_peak(cfg)
-    logger.info(
-        "compare: baseline LR %.4g (%s); LRScale offline peak %.4g from %s",
-        cfg.baseline.lr,
-        cfg.baseline.justification,
-        peak.peak_lr,
-        peak.source,
-    )
-    result = CompareRuns(config=cfg, peak=peak, load_start=_load_avg())
-    plan = {arm: arm_runs(cfg, arm, peak) for arm in cfg.ordered_arms}
+    optimizers.register()
+    trained = 0
+    for rid, spec in _unique_ids(cfg, _plan(cfg, peaks_for(cfg))):
+        if (runs_dir / f"{rid}.json").is_file() and not force:
+            continue
+        if not claim(runs_dir, rid):
+            continue
+        logger.info("compare worker %d: training %s", os.getpid(), rid)
+        run_one(cfg, spec, runs_dir, force=True)
+        trained += 1
+    return trained
+
+
+def run_compare(cfg: CompareConfig, output_dir: str | Path | None = None, force: bool = False) -> CompareRuns:
+    """Train (or load) every run of every arm in ``cfg.ordered_arms`` order; logs progress per arm."""
+    from lrscale_megatron.compare import optimizers
+
+    out = Path(output_dir or cfg.output_dir)
+    runs_dir = out / "runs"
+    peaks = peaks_for(cfg)
+    for name, p in peaks.items():
+        logger.info("compare: %s peak %.4g from %s", name, p.peak_lr, p.source)
+    logger.info("compare: baseline LR %.4g (%s)", cfg.baseline.lr, cfg.baseline.justification)
+    optimizers.require([a for a in cfg.ordered_arms if a in ("schedulefree", "prodigy")])
+    optimizers.register()
+    result = CompareRuns(config=cfg, peaks=peaks, load_start=_load_avg())
+    plan = _plan(cfg, peaks)
+    by_workers: set[str] = set()
+    if cfg.workers > 1 and int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        from lrscale_megatron.compare.workers import run_workers
+
+        pending = [
+            rid for rid, _ in _unique_ids(cfg, plan) if force or not (runs_dir / f"{rid}.json").is_file()
+        ]
+        if len(pending) > 1:
+            run_workers(cfg, out, pending, force)
+            by_workers, force = set(pending), False
     total = sum(len(v) for runs in plan.values() for v in runs.values())
     done = 0
     memo: dict[str, dict[str, Any]] = {}
@@ -119,6 +171,9 @@ def run_compare(cfg: CompareConfig, output_dir: str | Path | None = None, force:
                 done += 1
                 logger.info("compare: [%d/%d] arm %s: lr %.4g seed %d", done, total, arm, lr, spec.seed)
                 res, trained = run_one(cfg, spec, runs_dir, force=force, memo=memo)
+                if not trained and res["run_id"] in by_workers:  # trained by a worker process just now
+                    by_workers.discard(res["run_id"])
+                    trained = True
                 result.trained += int(trained)
                 result.reused += int(not trained)
                 result.arms[arm][lr].append(res)

@@ -22,6 +22,7 @@ from lrscale_megatron.configs.base import ConfigModel
 CONFIG_MODELS: dict[str, tuple[str, str | None]] = {
     "train": ("lrscale_megatron.train.config:TrainConfig", "gpt"),
     "scheduler": ("lrscale_megatron.scheduler_config:LRScaleConfig", None),
+    "compare": ("lrscale_megatron.compare.config:CompareConfig", "compare"),
 }
 """name -> (``module:Class``, the ``configs/`` folder its files live in, or ``None``)."""
 

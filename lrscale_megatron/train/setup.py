@@ -20,6 +20,7 @@ import copy
 import dataclasses
 import logging
 import types
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -316,8 +317,21 @@ def megatron_mpu() -> Any:
     )
 
 
+#: Optimizers DeepSpeed cannot build from its JSON, by the ``"optimizer": {"type": NAME}`` that selects
+#: them: ``factory(model, param_groups, params) -> torch.optim.Optimizer`` (``params`` = the JSON's
+#: ``optimizer.params`` with ``"auto"`` filled). :func:`initialize_engine` builds the optimizer and passes it
+#: to ``deepspeed.initialize(optimizer=...)`` (the JSON's block is dropped: a client optimizer wins).
+CLIENT_OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {}
+
+
+def register_client_optimizer(name: str, factory: Callable[..., torch.optim.Optimizer]) -> None:
+    """Make ``"optimizer": {"type": name}`` in a DeepSpeed JSON build ``factory``'s optimizer (idempotent)."""
+    CLIENT_OPTIMIZERS[name] = factory
+
+
 def initialize_engine(model: torch.nn.Module, ds_config: dict[str, Any]) -> Any:
-    """``deepspeed.initialize`` with the megatron mpu; ``"type": "LRScale"`` is registered first."""
+    """``deepspeed.initialize`` with the megatron mpu; ``"type": "LRScale"`` is registered first; an
+    optimizer type in :data:`CLIENT_OPTIMIZERS` is built here and handed to DeepSpeed."""
     import deepspeed
     import deepspeed.ops
 
@@ -326,7 +340,13 @@ def initialize_engine(model: torch.nn.Module, ds_config: dict[str, Any]) -> Any:
     if not torch.cuda.is_available():
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False  # skip a 35 s JIT build on CPU
     lrs_ds.register()
+    groups = param_groups(model)
+    client = None
+    factory = CLIENT_OPTIMIZERS.get(str((ds_config.get("optimizer") or {}).get("type")))
+    if factory is not None:
+        client = factory(model, groups, dict(ds_config["optimizer"].get("params", {})))
+        ds_config = {k: v for k, v in ds_config.items() if k != "optimizer"}
     engine, _, _, _ = deepspeed.initialize(
-        model=model, model_parameters=param_groups(model), config=ds_config, mpu=megatron_mpu()
+        model=model, model_parameters=groups, optimizer=client, config=ds_config, mpu=megatron_mpu()
     )
     return engine
