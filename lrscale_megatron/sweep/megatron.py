@@ -179,7 +179,10 @@ def gpt_train_fn(config: dict[str, Any], report: Report, settings: GPTSweepSetti
     cfg = config_from_dict(raw, base_dir=base_dir, source=f"sweep:{settings.base_config}")
     result = train(cfg)
     for rec in result.history:
-        report(step=rec.step, train_loss=rec.train_loss, tokens=rec.tokens, val_loss=rec.val_loss)
+        if not math.isfinite(rec.train_loss):  # diverged from here on: kept as a diverged run, below
+            break
+        val = rec.val_loss if rec.val_loss is not None and math.isfinite(rec.val_loss) else None
+        report(step=rec.step, train_loss=rec.train_loss, tokens=rec.tokens, val_loss=val)
     if settings.shift_log is not None and result.shift_loss is not None:
         _log_shift(settings.shift_log, config, result.shift_loss, cfg.data.corpus)
     if not math.isfinite(result.history[-1].train_loss):
