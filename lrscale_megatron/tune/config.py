@@ -128,8 +128,10 @@ class FitSpec(ConfigModel):
     """Seed of the bootstrap."""
     method: Literal["argmin", "parabola", "lsq5", "band"] = "parabola"
     """eta* extraction per proxy (see ``lrscale_megatron.law.optimum``)."""
-    regressor: Literal["huber", "ols"] = "huber"
-    """Regression of log eta* on log predictors."""
+    regressor: Literal["huber", "ols"] = "ols"
+    """Regression of log eta* on log predictors: ``ols`` by default (a ladder has a handful of optima, too few
+    for Huber's joint scale estimate to down-weight anything reliably; 200 bootstrap Huber fits also cost
+    minutes on a busy CPU), ``huber`` for long ladders with outliers."""
     loss: Literal["val", "train"] = "val"
     """Which final loss locates each proxy's optimum (never mixed within one curve)."""
 
