@@ -57,6 +57,8 @@ class GridModel(ConfigModel):
     """Largest / smallest LR of a centred group grid."""
     tokens_per_param: float | None = None
     """Token budget = this x ``12 L h^2`` per run instead of ``token_budgets``."""
+    seeds: tuple[StrictInt, ...] = Field(default=(), strict=False)
+    """Repeat every run once per seed (the law averages the repeats' losses per LR)."""
 
 
 class TrainModel(ConfigModel):

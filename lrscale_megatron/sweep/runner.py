@@ -95,6 +95,8 @@ class SweepGrid:
         lr_span: ratio of the largest to the smallest LR of a centred group grid.
         tokens_per_param: when set, each run's token budget is ``tokens_per_param * params`` (rounded to
             whole batches, at least 2) instead of ``token_budgets`` (which must then be empty).
+        seeds: when given, every run is repeated once per seed (``"seed"`` in its config, overriding
+            ``base``); the law's optimum extraction averages the repeats' losses per LR.
     """
 
     widths: tuple[int, ...]
@@ -109,6 +111,7 @@ class SweepGrid:
     lr_center: dict[str, Any] | None = None
     lr_span: float | None = None
     tokens_per_param: float | None = None
+    seeds: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         for name in ("widths", "depths", "token_budgets", "batch_tokens"):
@@ -139,6 +142,9 @@ class SweepGrid:
                 )
         else:
             self._check_center()
+        object.__setattr__(self, "seeds", tuple(self.seeds))
+        if len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"SweepGrid.seeds={self.seeds!r}; fix: list each seed once")
         if self.n_lr < 1 or (self.n_lr == 1 and (self.lr_center is not None or self.lr_min != self.lr_max)):
             raise ValueError(f"SweepGrid.n_lr={self.n_lr}; fix: use n_lr >= 2 (or 1 with lr_min == lr_max)")
 
@@ -209,18 +215,21 @@ class SweepGrid:
             for d in self.depths:
                 for t, b in self._budgets(12 * int(d) * int(w) ** 2):
                     for lr in self.lrs(int(w), int(d), t, b):
-                        out.append(
-                            {
-                                **self.base,
-                                "width": int(w),
-                                "depth": int(d),
-                                "params": 12 * int(d) * int(w) ** 2,
-                                "tokens": int(t),
-                                "batch_tokens": int(b),
-                                "seq_len": self.seq_len,
-                                "lr": lr,
-                            }
-                        )
+                        for seed in self.seeds or (None,):
+                            extra = {} if seed is None else {"seed": int(seed)}
+                            out.append(
+                                {
+                                    **self.base,
+                                    **extra,
+                                    "width": int(w),
+                                    "depth": int(d),
+                                    "params": 12 * int(d) * int(w) ** 2,
+                                    "tokens": int(t),
+                                    "batch_tokens": int(b),
+                                    "seq_len": self.seq_len,
+                                    "lr": lr,
+                                }
+                            )
         return out
 
     def _budgets(self, params: int) -> list[tuple[float, int]]:

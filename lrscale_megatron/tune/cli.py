@@ -60,7 +60,8 @@ def print_ladder(ladder_path: Path, target, out: TextIO) -> None:  # type: ignor
         f"params, {target.tokens:,} tokens, batch {target.batch_tokens} tokens, lr {target.lr:g}",
         file=out,
     )
-    print(f"ladder {ladder_path}: {len(shapes)} proxies x {g.n_lr} LRs = {len(points)} runs", file=out)
+    seeds = f" x {len(g.seeds)} seeds" if g.seeds else ""
+    print(f"ladder {ladder_path}: {len(shapes)} proxies x {g.n_lr} LRs{seeds} = {len(points)} runs", file=out)
     for w, d, t, b in shapes:
         ratio = approx_params(target.width, target.depth) / approx_params(w, d)
         print(

@@ -61,6 +61,8 @@ class LadderSpec(ConfigModel):
     """Largest peak LR of the grid; ``null``: the target's ``training.lr`` x 32."""
     n_lr: int = 7
     """Peak LRs per proxy, log-uniform in [lr_min, lr_max]."""
+    seeds: int = 1
+    """Seeds per (proxy, LR): the law averages their losses per LR (a short run's final loss is noisy)."""
     extend: int = 2
     """Extra grid steps allowed beyond an edge when a proxy's best LR sits at the grid's edge (0: none)."""
 
@@ -83,6 +85,13 @@ class LadderSpec(ConfigModel):
     def _nonneg(cls, v: int) -> int:
         if v < 0:
             raise TuneConfigError("extend", v, "must be >= 0", "use 0 (never extend) or e.g. 2")
+        return v
+
+    @field_validator("seeds")
+    @classmethod
+    def _seeds(cls, v: int) -> int:
+        if v < 1:
+            raise TuneConfigError("seeds", v, "must be >= 1", "use 1, or 2 to average noisy short runs")
         return v
 
     @model_validator(mode="after")

@@ -185,6 +185,8 @@ def derive_ladder(cfg: TuneConfig, target: Target | None = None) -> Ladder:
         "seq_len": t.seq_len,
         "base": {"seed": t.seed},
     }
+    if spec.seeds > 1:
+        grid["seeds"] = [t.seed + k for k in range(spec.seeds)]
     if spec.tokens == "fixed":
         grid["token_budgets"] = [t.tokens]
         short = [b for b in batches if t.tokens // b < 10]

@@ -57,6 +57,14 @@ def test_derived_widths_and_the_error_when_the_target_leaves_too_few():
     assert "Fix: set ladder.head_dim" in msg
 
 
+def test_seeds_repeat_every_run_and_keep_the_single_seed_run_ids(tmp_path):
+    one = _sweep(derive_ladder(_cfg(head_dim=8)), tmp_path).grid.expand()
+    two = _sweep(derive_ladder(_cfg(head_dim=8, seeds=2)), tmp_path).grid.expand()
+    assert len(two) == 2 * len(one) and sorted({p["seed"] for p in two}) == [0, 1]
+    key = [json.dumps(p, sort_keys=True) for p in one]
+    assert set(key) <= {json.dumps(p, sort_keys=True) for p in two}  # seed-0 runs are reused
+
+
 def test_per_param_tokens_scale_with_the_proxy(tmp_path):
     lad = derive_ladder(_cfg(head_dim=8, tokens="per_param", tokens_per_param=40.0))
     pts = _sweep(lad, tmp_path).grid.expand()
