@@ -91,7 +91,13 @@ def main(argv: list[str] | None = None) -> int:
     store_path = out / "target-check.sqlite"
     prepare_data(settings, t.seq_len)
     t0 = time.monotonic()
-    run_sweep(store_path, configs, functools.partial(gpt_train_fn, settings=settings), workers=args.workers, progress=False)
+    run_sweep(
+        store_path,
+        configs,
+        functools.partial(gpt_train_fn, settings=settings),
+        workers=args.workers,
+        progress=False,
+    )
     check_s = time.monotonic() - t0
     store = SweepStore(store_path)
     runs = {r.run_id: r for r in store.runs()}

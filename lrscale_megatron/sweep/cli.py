@@ -200,7 +200,8 @@ def run_sweep_cli(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
     )
     dt = time.monotonic() - t0
     print(
-        f"sweep {sc.source}: {summary.finished}/{summary.total} finished, {summary.failed} failed, "
+        f"sweep {sc.source}: {summary.finished}/{summary.total} finished, {summary.diverged} diverged, "
+        f"{summary.failed} failed, "
         f"{summary.skipped} already done, {summary.reset} reset; {dt:.0f} s with {workers} worker(s); "
         f"store {store_path}",
         file=out,
