@@ -1,5 +1,5 @@
 """A second CPU target the demo does not use (KJV, width 96, 3 layers): ladder -> prediction -> the target
-at the prediction vs a 5-point LR grid, 2 seeds (issue 10).
+at the prediction vs a 4-point LR grid, 2 seeds (issue 10).
 
     python benchmarks/tune_second_target.py                     # ~25 min on 2 idle cores
     python benchmarks/tune_second_target.py --json docs/tune-second-target.json
@@ -26,7 +26,7 @@ if __name__ == "__main__":
                 "--out",
                 "out/tune/cpu-kjv",
                 "--grid",
-                "0.0005,0.001,0.002,0.004,0.008",
+                "0.0005,0.001,0.002,0.004",
                 "--seeds",
                 "0,1",
                 "--tune",
