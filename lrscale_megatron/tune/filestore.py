@@ -37,6 +37,7 @@ DONE_STATES = ("finished", "diverged")
 
 def atomic_write_json(path: Path, doc: Any) -> None:
     """Write ``doc`` to ``path`` so that readers never see a partial file (temp file + rename)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f".{path.name}.{socket.gethostname()}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
     with tmp.open("w") as fh:
         json.dump(doc, fh, allow_nan=False)

@@ -207,3 +207,35 @@ def test_slurm_head_with_a_fake_sbatch_merges_every_run_and_redoes_a_lost_node(
     assert state["submissions"] == (2 if lose_first else 1)
     assert set(state["tries"].values()) == {2 if lose_first else 1}
     assert (out / "slurm" / "array-0.sbatch").read_text().count("#SBATCH --array=0-5") == 1
+
+
+def test_worker_binds_the_ladder_settings_to_the_real_train_fn(tmp_path):
+    import functools
+
+    from lrscale_megatron.sweep.megatron import gpt_train_fn
+    from lrscale_megatron.tune.config import load_tune_config
+    from lrscale_megatron.tune.ladder import derive_ladder
+    from lrscale_megatron.tune.run import write_ladder
+    from lrscale_megatron.tune.worker import GPT_TRAIN_FN, _train_fn, run_task
+
+    root = Path(__file__).resolve().parents[2]
+    lad = derive_ladder(load_tune_config(root / "configs" / "tune" / "cpu-demo.json"))
+    ladder = write_ladder(lad.sweep, tmp_path)
+    fn = _train_fn({"ladder": str(ladder), "train_fn": GPT_TRAIN_FN})
+    assert isinstance(fn, functools.partial) and fn.func is gpt_train_fn
+    assert fn.keywords["settings"].base_config == lad.target.path and fn.keywords["settings"].head_dim == 8
+    # a task whose result file already says finished is skipped without training
+    cfg = GRID.expand()[0]
+    write_result(tmp_path / "runs", cfg, "finished", final_train_loss=2.0)
+    tasks = tmp_path / "tasks.json"
+    tasks.write_text(
+        json.dumps(
+            {
+                "ladder": str(ladder),
+                "runs_dir": str(tmp_path / "runs"),
+                "configs": [cfg],
+                "train_fn": "no.such.module:fn",
+            }
+        )
+    )
+    assert run_task(tasks, 0) == 0
