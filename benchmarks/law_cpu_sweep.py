@@ -36,7 +36,7 @@ from lrscale_megatron.law.optimum import Optimum, extract_optima, group_curves
 from lrscale_megatron.law.pipeline import nd_groups
 
 ROOT = Path(__file__).resolve().parents[1]
-POWER = ("width", "depth", "tokens", "batch")  # the shipped cpu-sweep law's predictors
+POWER = ("width", "depth", "tokens", "batch")  # the (withdrawn) cpu-sweep law's predictors
 
 
 def shift_table(db: Path) -> RunTable:

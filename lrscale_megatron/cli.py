@@ -6,6 +6,7 @@
     lrscale predict --params 1.3e9 --tokens 1e11 --batch-tokens 4e6 --json
     lrscale prepare-data --corpus shakespeare --vocab-size 8192 --out data/   # IndexedDataset .bin/.idx
     lrscale sweep configs/sweep/cpu-sweep.json                # LR sweep into a crash-safe SQLite store
+    lrscale tune configs/tune/cpu-demo.json --out out/tune/cpu-demo   # target -> proxy ladder -> peak LR
     lrscale plot LOGDIR                                       # PNGs of LR, lambda_max and loss
     lrscale init DIR                                          # example configs + JSON schemas, no checkout needed
     lrscale schema train                                      # a config's JSON schema (no name: list them)
@@ -39,8 +40,10 @@ def build_parser() -> argparse.ArgumentParser:
     from lrscale_megatron import plot
     from lrscale_megatron.compare import cli as compare_cli
     from lrscale_megatron.sweep import cli as sweep_cli
+    from lrscale_megatron.tune import cli as tune_cli
 
     sweep_cli.add_subcommand(sub)
+    tune_cli.add_subcommand(sub)
     plot.add_subcommand(sub)
     compare_cli.add_subcommand(sub)
     from lrscale_megatron import init_cmd

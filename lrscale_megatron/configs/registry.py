@@ -23,6 +23,8 @@ CONFIG_MODELS: dict[str, tuple[str, str | None]] = {
     "train": ("lrscale_megatron.train.config:TrainConfig", "gpt"),
     "scheduler": ("lrscale_megatron.scheduler_config:LRScaleConfig", None),
     "compare": ("lrscale_megatron.compare.config:CompareConfig", "compare"),
+    "sweep": ("lrscale_megatron.sweep.config:SweepFile", "sweep"),
+    "tune": ("lrscale_megatron.tune.config:TuneConfig", "tune"),
 }
 """name -> (``module:Class``, the ``configs/`` folder its files live in, or ``None``)."""
 

@@ -50,8 +50,12 @@ class RunTable:
         tokens: training tokens.
         batch_tokens: tokens per optimizer step.
         lr: peak learning rate.
-        loss: final (smoothed) loss used to locate the optimum; lower is better.
+        loss: final (smoothed) loss used to locate the optimum; lower is better. ``+inf`` marks a run
+            that *diverged* (NaN/Inf loss): worse than any finite loss, so an optimum just below the
+            divergence LR is bracketed by it rather than mistaken for a grid edge.
         source: where the rows came from (path), for provenance.
+        loss_kind: ``"val"`` or ``"train"``: which loss every row holds (never mixed), or ``"mixed"``
+            only for tables built by hand.
     """
 
     width: np.ndarray
@@ -62,6 +66,7 @@ class RunTable:
     lr: np.ndarray
     loss: np.ndarray
     source: str = field(default="")
+    loss_kind: str = field(default="train")
 
     def __post_init__(self) -> None:
         n = None
@@ -73,7 +78,8 @@ class RunTable:
                 raise DataError(
                     f"RunTable.{name}: has {arr.size} entries but 'width' has {n}; fix: give every column one entry per run"
                 )
-            bad = ~np.isfinite(arr) | (arr <= 0)
+            finite = np.isfinite(arr) | ((arr == np.inf) if name == "loss" else False)
+            bad = ~finite | (arr <= 0)
             if bad.any():
                 i = int(np.flatnonzero(bad)[0])
                 raise DataError(
@@ -99,7 +105,7 @@ class RunTable:
             n: getattr(self, n)[mask]
             for n in ("width", "depth", "params", "tokens", "batch_tokens", "lr", "loss")
         }
-        return RunTable(**cols, source=self.source)
+        return RunTable(**cols, source=self.source, loss_kind=self.loss_kind)
 
 
 def _positive(value: str, row: int, column: str, path: Path) -> float:
@@ -156,10 +162,12 @@ def load_steplaw_csv(path: str | Path, seq_len: int = 2048) -> RunTable:
 
 
 def load_store(db_path: str | Path, loss: str = "val") -> RunTable:
-    """Finished runs of a sweep store (:class:`lrscale_megatron.sweep.store.SweepStore`).
+    """Finished and diverged runs of a sweep store (:class:`lrscale_megatron.sweep.store.SweepStore`).
 
-    ``loss="val"`` uses the final validation loss (falling back to the final train loss when a run
-    has no validation loss); ``loss="train"`` always uses the final train loss.
+    ``loss="val"`` uses the final validation loss; ``loss="train"`` the final train loss. Train and
+    validation losses are never mixed: with ``"val"``, a finished run without a validation loss is a
+    :class:`DataError` naming it (fix: ``loss="train"``, or re-run it with evaluations). A diverged run
+    (NaN/Inf loss, see :data:`lrscale_megatron.sweep.store.DIVERGED_PREFIX`) gets ``loss = +inf``.
     """
     from lrscale_megatron.sweep.store import SweepStore  # local: keeps law/ importable alone
 
@@ -175,7 +183,8 @@ def load_store(db_path: str | Path, loss: str = "val") -> RunTable:
     }
     store = SweepStore(p)
     try:
-        for run in store.finished_runs():
+        runs = [r for r in store.runs() if r.done]
+        for run in runs:
             cfg = run.config
             for key in ("width", "depth", "params", "tokens", "batch_tokens", "lr"):
                 if key not in cfg:
@@ -183,18 +192,27 @@ def load_store(db_path: str | Path, loss: str = "val") -> RunTable:
                         f"{p}: run {run.run_id} config has no field {key!r}; fix: sweep configs must set {key}"
                     )
                 rows[key].append(float(cfg[key]))
-            value = (
-                run.final_val_loss
-                if loss == "val" and run.final_val_loss is not None
-                else run.final_train_loss
-            )
+            if run.diverged:
+                rows["loss"].append(math.inf)
+                continue
+            value = run.final_val_loss if loss == "val" else run.final_train_loss
             if value is None:
+                kind = "validation" if loss == "val" else "train"
                 raise DataError(
-                    f"{p}: run {run.run_id} has no final loss; fix: train_fn must return final_train_loss"
+                    f"{p}: run {run.run_id} (lr={cfg['lr']}) has no final {kind} loss; train and validation "
+                    "losses are never mixed in one curve; fix: "
+                    + (
+                        "use loss='train' (lrscale fit --loss train) or re-run it with evaluations"
+                        if loss == "val"
+                        else "train_fn must return final_train_loss"
+                    )
                 )
             rows["loss"].append(float(value))
     finally:
         store.close()
     if not rows["lr"]:
         raise DataError(f"{p}: no finished runs; fix: run the sweep first")
-    return RunTable(**{k: np.asarray(v) for k, v in rows.items()}, source=str(p))
+    n_div = sum(1 for v in rows["loss"] if v == math.inf)
+    if n_div:
+        logger.info("%s: %d diverged run(s) kept as loss=+inf", p, n_div)
+    return RunTable(**{k: np.asarray(v) for k, v in rows.items()}, source=str(p), loss_kind=loss)

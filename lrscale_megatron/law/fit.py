@@ -7,8 +7,11 @@ In log space ``log eta* = log c + sum_j e_j log x_j``. The fit uses scikit-learn
 Around the point fit:
 
 1. k-fold cross-validation (grouped when groups are given) -> pooled R^2 and MAE of log eta*;
-2. bootstrap over points (Efron 1979) -> percentile CIs for every exponent and the coefficient, and
-   the coefficient samples that ``predict`` propagates into an LR interval;
+2. bootstrap (Efron 1979) over whole groups when groups are given, like the grouped CV (a cluster
+   bootstrap: optima of one (params, tokens) share their runs' noise, so resampling single points
+   makes the intervals too narrow), else over points -> percentile CIs for every exponent and the
+   coefficient, and the samples that ``predict`` propagates into an LR interval
+   (:mod:`lrscale_megatron.law.bootstrap`);
 3. a collinearity check of the centred log design (condition number, Belsley et al. 1980; variance
    inflation factors; rank): predictors the data cannot separate (e.g. width and depth that move
    together, as in the Step Law runs) are refused with :class:`CollinearityError`.
@@ -23,26 +26,25 @@ from __future__ import annotations
 import logging
 import warnings
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import HuberRegressor, LinearRegression
 from sklearn.model_selection import GroupKFold, KFold
 
+from lrscale_megatron.law.collinearity import (  # noqa: F401  (re-exported: the fit's public API)
+    CollinearityError,
+    CollinearityReport,
+    _finite_or_none,
+    _log_design,
+    check_collinearity,
+)
 from lrscale_megatron.law.optimum import Optimum
 
 logger = logging.getLogger(__name__)
 
 REGRESSORS = ("huber", "ols")
-
-
-class CollinearityError(ValueError):
-    """The design cannot separate some predictors; ``report`` says which and why."""
-
-    def __init__(self, report: CollinearityReport) -> None:
-        super().__init__(report.explain())
-        self.report = report
 
 
 @dataclass(frozen=True)
@@ -97,55 +99,6 @@ class FitConfig:
 
 
 @dataclass(frozen=True)
-class CollinearityReport:
-    """Separability of the predictors in the centred log design.
-
-    Attributes:
-        predictors: the checked columns.
-        condition_number: ratio of extreme singular values of the centred, column-normalised log design.
-        vif: variance inflation factor per predictor (``inf`` = exact linear dependence).
-        rank: numerical rank of the centred log design.
-        inseparable: predictors whose exponents the data cannot separate (empty when all is well).
-        max_condition, max_vif: the thresholds applied.
-    """
-
-    predictors: tuple[str, ...]
-    condition_number: float
-    vif: dict[str, float]
-    rank: int
-    inseparable: tuple[str, ...]
-    max_condition: float
-    max_vif: float
-
-    @property
-    def separable(self) -> bool:
-        return not self.inseparable
-
-    def explain(self) -> str:
-        vifs = ", ".join(f"{k}={v:.3g}" for k, v in self.vif.items())
-        head = (
-            f"condition number {self.condition_number:.3g} (limit {self.max_condition:g}), "
-            f"VIF {vifs} (limit {self.max_vif:g}), rank {self.rank} of {len(self.predictors)}"
-        )
-        if self.separable:
-            return f"predictors {', '.join(self.predictors)} are separable: {head}"
-        return (
-            f"predictors {', '.join(self.inseparable)} cannot be separated by this data ({head}); "
-            "separate exponents for them would not be meaningful, so none are reported. "
-            "fix: keep only one of them, or replace width/depth by 'params'"
-        )
-
-    def to_dict(self) -> dict[str, object]:
-        return {
-            "predictors": list(self.predictors),
-            "condition_number": _finite_or_none(self.condition_number),
-            "vif": {k: _finite_or_none(v) for k, v in self.vif.items()},
-            "rank": self.rank,
-            "inseparable": list(self.inseparable),
-        }
-
-
-@dataclass(frozen=True)
 class CVMetrics:
     """Cross-validated accuracy of log eta* (pooled out-of-fold predictions)."""
 
@@ -171,6 +124,9 @@ class PowerLawFit:
         ranges: (min, max) of each predictor over the fitted points.
         n_points: number of fitted optima.
         regressor: ``"huber"`` or ``"ols"``.
+        bootstrap_unit: ``"group"`` (whole groups resampled) or ``"point"``.
+        convergence_warnings: Huber fits that hit ``max_iter`` without converging, per stage
+            (``point``, ``bootstrap``, ``cv``); logged, and recorded in a law's provenance.
     """
 
     predictors: tuple[str, ...]
@@ -184,15 +140,13 @@ class PowerLawFit:
     ranges: dict[str, tuple[float, float]]
     n_points: int
     regressor: str
+    bootstrap_unit: str = "point"
+    convergence_warnings: dict[str, int] = field(default_factory=dict)
 
     def predict(self, columns: Mapping[str, np.ndarray | float]) -> np.ndarray:
         """eta* at the given predictor values."""
         log_x = _log_design(columns, self.predictors)
         return np.exp(self.log_c + log_x @ np.array([self.exponents[p] for p in self.predictors]))
-
-
-def _finite_or_none(x: float) -> float | None:
-    return float(x) if np.isfinite(x) else None
 
 
 def optima_columns(
@@ -213,64 +167,28 @@ def optima_columns(
     return cols
 
 
-def _log_design(columns: Mapping[str, np.ndarray | float], predictors: Sequence[str]) -> np.ndarray:
-    out = []
-    for p in predictors:
-        if p not in columns:
-            raise ValueError(
-                f"predictor {p!r} has no column; fix: provide one of {sorted(columns)} or add column {p!r}"
-            )
-        x = np.atleast_1d(np.asarray(columns[p], dtype=float))
-        if not np.all(np.isfinite(x) & (x > 0)):
-            raise ValueError(
-                f"predictor {p!r} has non-positive or non-finite values; fix: a power law needs x > 0"
-            )
-        out.append(np.log(x))
-    return np.column_stack(out)
+def _fit_once(
+    log_x: np.ndarray, y: np.ndarray, regressor: str, epsilon: float, notes: list[str] | None = None
+) -> np.ndarray:
+    """[log_c, e_1, ..., e_p] from one regression on centred log predictors.
 
-
-def check_collinearity(
-    columns: Mapping[str, np.ndarray],
-    predictors: Sequence[str],
-    max_condition: float = 30.0,
-    max_vif: float = 5.0,
-) -> CollinearityReport:
-    """Condition number, VIFs and rank of the centred log design; flags inseparable predictors."""
-    names = tuple(predictors)
-    x = _log_design(columns, names)
-    xc = x - x.mean(axis=0)
-    norms = np.linalg.norm(xc, axis=0)
-    constant = [names[j] for j in range(len(names)) if norms[j] <= 1e-12 * max(1.0, np.abs(x[:, j]).max())]
-    xs = xc / np.where(norms > 0, norms, 1.0)
-    s = np.linalg.svd(xs, compute_uv=False)
-    rank = int(np.sum(s > 1e-8 * s[0])) if s[0] > 0 else 0
-    cond = float(s[0] / s[-1]) if s[-1] > 1e-12 * max(s[0], 1e-300) else float("inf")
-    vif: dict[str, float] = {}
-    for j, name in enumerate(names):
-        if name in constant:
-            vif[name] = float("inf")
-            continue
-        others = np.delete(xs, j, axis=1)
-        if others.shape[1] == 0:
-            vif[name] = 1.0
-            continue
-        beta, *_ = np.linalg.lstsq(others, xs[:, j], rcond=None)
-        resid = float(np.sum((xs[:, j] - others @ beta) ** 2))
-        vif[name] = 1.0 / resid if resid > 1e-12 else float("inf")
-    bad = [n for n in names if vif[n] > max_vif or n in constant]
-    if not bad and (cond > max_condition or rank < len(names)):
-        bad = list(names)
-    return CollinearityReport(names, cond, vif, rank, tuple(bad), max_condition, max_vif)
-
-
-def _fit_once(log_x: np.ndarray, y: np.ndarray, regressor: str, epsilon: float) -> np.ndarray:
-    """[log_c, e_1, ..., e_p] from one regression on centred log predictors."""
+    A Huber fit that does not converge is not silenced: its warning text is appended to ``notes``
+    (the caller counts, logs and records them), or logged here when ``notes`` is ``None``.
+    """
     mean = log_x.mean(axis=0)
     xc = log_x - mean
     if regressor == "huber":
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", ConvergenceWarning)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", ConvergenceWarning)
             model = HuberRegressor(epsilon=epsilon, alpha=0.0, max_iter=1000).fit(xc, y)
+        for w in caught:
+            if issubclass(w.category, ConvergenceWarning):
+                if notes is None:
+                    logger.warning("Huber fit did not converge: %s", w.message)
+                else:
+                    notes.append(str(w.message))
+            else:
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     else:
         model = LinearRegression().fit(xc, y)
     coef = np.asarray(model.coef_, dtype=float)
@@ -278,7 +196,11 @@ def _fit_once(log_x: np.ndarray, y: np.ndarray, regressor: str, epsilon: float) 
 
 
 def cross_validate(
-    log_x: np.ndarray, y: np.ndarray, config: FitConfig, groups: Sequence[object] | None = None
+    log_x: np.ndarray,
+    y: np.ndarray,
+    config: FitConfig,
+    groups: Sequence[object] | None = None,
+    notes: list[str] | None = None,
 ) -> CVMetrics | None:
     """Pooled out-of-fold R^2 and MAE of log eta*; grouped folds when ``groups`` has >= folds groups."""
     n = y.size
@@ -294,7 +216,7 @@ def cross_validate(
         splits = KFold(n_splits=config.folds, shuffle=True, random_state=config.seed).split(log_x)
     pred = np.empty(n)
     for train, test in splits:
-        beta = _fit_once(log_x[train], y[train], config.regressor, config.huber_epsilon)
+        beta = _fit_once(log_x[train], y[train], config.regressor, config.huber_epsilon, notes)
         pred[test] = beta[0] + log_x[test] @ beta[1:]
     resid = y - pred
     ss_tot = float(np.sum((y - y.mean()) ** 2))
@@ -329,12 +251,11 @@ def fit_power_law(
     report = check_collinearity(columns, config.predictors, config.max_condition, config.max_vif)
     if check and not report.separable:
         raise CollinearityError(report)
-    beta = _fit_once(log_x, y, config.regressor, config.huber_epsilon)
-    rng = np.random.default_rng(config.seed)
-    boot = np.empty((config.bootstrap, p + 1))
-    for b in range(config.bootstrap):
-        idx = rng.integers(0, y.size, y.size)
-        boot[b] = _fit_once(log_x[idx], y[idx], config.regressor, config.huber_epsilon)
+    from lrscale_megatron.law.bootstrap import bootstrap_fits
+
+    notes: dict[str, list[str]] = {"point": [], "bootstrap": [], "cv": []}
+    beta = _fit_once(log_x, y, config.regressor, config.huber_epsilon, notes["point"])
+    boot, unit = bootstrap_fits(log_x, y, config, groups, notes["bootstrap"])
     tail = 100 * (1 - config.ci_level) / 2
     names = ("log_c", *config.predictors)
     if config.bootstrap:
@@ -342,7 +263,14 @@ def fit_power_law(
         ci = {n: (float(lo[j]), float(hi[j])) for j, n in enumerate(names)}
     else:
         ci = {n: (float(beta[j]), float(beta[j])) for j, n in enumerate(names)}
-    cv = cross_validate(log_x, y, config, groups)
+    cv = cross_validate(log_x, y, config, groups, notes["cv"])
+    conv = {k: len(v) for k, v in notes.items() if v}
+    if conv:
+        logger.warning(
+            "Huber regression did not converge in %s fit(s) (max_iter=1000); e.g. %s",
+            ", ".join(f"{n} {k}" for k, n in conv.items()),
+            next(v[0] for v in notes.values() if v),
+        )
     raw = {pn: np.asarray(columns[pn], dtype=float) for pn in config.predictors}
     ranges = {pn: (float(raw[pn].min()), float(raw[pn].max())) for pn in config.predictors}
     fit = PowerLawFit(
@@ -357,6 +285,8 @@ def fit_power_law(
         ranges=ranges,
         n_points=int(y.size),
         regressor=config.regressor,
+        bootstrap_unit=unit,
+        convergence_warnings=conv,
     )
     logger.info(
         "fitted %s law on %d optima: c=%.4g, %s; CV R2=%s",

@@ -12,7 +12,10 @@ Methods (all work in log LR, where LR sweeps are uniform):
                 Step Law, Li et al. 2025) of the best loss in the group.
 
 A group whose lowest loss sits at the smallest or largest LR of its grid is *on the edge*: its optimum
-is not bracketed, so it is flagged and left out of fits.
+is not bracketed, so it is flagged and left out of fits. A *diverged* run has loss ``+inf`` (worse than
+any finite loss): an optimum just below the divergence LR is bracketed by it (not on the edge); the
+parabola methods use only finite points and fall back to the argmin when fewer than three are left.
+A group whose runs all diverged has no optimum and is left out.
 """
 
 from __future__ import annotations
@@ -100,7 +103,10 @@ def group_curves(table: RunTable) -> list[Curve]:
 
 
 def _vertex(x: np.ndarray, y: np.ndarray, lo: float, hi: float, fallback: float) -> float:
-    a, b, _ = np.polyfit(x, y, 2)
+    ok = np.isfinite(y)
+    if ok.sum() < 3:  # a diverged neighbour: no parabola through three finite points
+        return fallback
+    a, b, _ = np.polyfit(x[ok], y[ok], 2)
     if not a > 0:  # flat or concave: no interior minimum
         return fallback
     return float(np.clip(-b / (2 * a), lo, hi))
@@ -115,6 +121,8 @@ def optimum_of_curve(curve: Curve, method: str = "parabola", band: float = 0.002
     n = x.size
     if n < 3:
         raise ValueError(f"group {curve.key}: n_lr={n}; fix: an LR sweep needs at least 3 learning rates")
+    if not np.isfinite(y).any():
+        raise ValueError(f"group {curve.key}: every run diverged; fix: lower the group's LR grid")
     i = int(np.argmin(y))
     on_edge = i == 0 or i == n - 1
     lo_i, hi_i = max(i - 1, 0), min(i + 1, n - 1)
@@ -136,10 +144,14 @@ def extract_optima(
     """eta* for every group with at least ``min_lr_points`` LRs; edge groups dropped unless ``keep_edge``."""
     curves = group_curves(table) if isinstance(table, RunTable) else table
     out: list[Optimum] = []
-    n_edge = n_short = 0
+    n_edge = n_short = n_div = 0
     for c in curves:
         if len(c.lr) < min_lr_points:
             n_short += 1
+            continue
+        if not np.isfinite(c.loss).any():
+            n_div += 1
+            logger.warning("group %s: every run diverged; left out (lower its LR grid)", c.key)
             continue
         opt = optimum_of_curve(c, method)
         if opt.on_edge:

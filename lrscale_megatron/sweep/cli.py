@@ -22,6 +22,10 @@ Sweep config (JSON; keys starting with ``_`` are comments; paths relative to the
                 "overrides": []}
     }
 
+    (``"tokens_per_param": t`` with ``"token_budgets": []`` gives each shape ``t x 12 L h^2`` tokens.)
+    The file is validated by :class:`lrscale_megatron.sweep.config.SweepFile` (pydantic; errors name
+    the field path, the value and the fix).
+
 Each worker process starts its own single-process gloo group on a free port and trains runs one after
 another (:mod:`lrscale_megatron.sweep.megatron`). The corpus is prepared once, before the workers start.
 """
@@ -36,127 +40,20 @@ import logging
 import os
 import sys
 import time
-from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TextIO
 
+from lrscale_megatron.sweep.config import (  # noqa: F401  (re-exported: the config API lives there)
+    SweepConfig,
+    SweepConfigError,
+    load_sweep_config,
+    parse_sweep_config,
+)
 from lrscale_megatron.sweep.megatron import GPTSweepSettings, gpt_train_fn, shift_losses
-from lrscale_megatron.sweep.runner import SweepGrid, run_sweep
+from lrscale_megatron.sweep.runner import run_sweep
 from lrscale_megatron.sweep.store import SweepStore
 
 logger = logging.getLogger(__name__)
-
-
-class SweepConfigError(ValueError):
-    """A bad sweep config value; the message names the field and the fix."""
-
-
-@dataclass(frozen=True)
-class SweepConfig:
-    """A parsed sweep config file (see the module docstring).
-
-    Attributes:
-        store: path of the SQLite store.
-        grid: the run grid.
-        settings: how sweep points become pretraining configs.
-        workers: worker processes requested (``lrscale sweep`` caps it at the usable cores).
-        csv: where finished runs are exported after the sweep (``None``: not exported).
-        source: the config file.
-    """
-
-    store: Path
-    grid: SweepGrid
-    settings: GPTSweepSettings
-    workers: int = 1
-    csv: Path | None = None
-    source: str = "<dict>"
-
-
-def _resolve(base: Path, p: str) -> str:
-    q = Path(p)
-    return os.path.normpath(q if q.is_absolute() else (base / q))
-
-
-def parse_sweep_config(raw: dict[str, Any], base_dir: Path, source: str = "<dict>") -> SweepConfig:
-    """Validate a sweep config mapping; relative paths are resolved against ``base_dir``."""
-    known = {"store", "csv", "workers", "base_config", "grid", "train"}
-    bad = [k for k in raw if not k.startswith("_") and k not in known]
-    if bad:
-        raise SweepConfigError(f"{source}: unknown key(s) {bad}; fix: use only {sorted(known)}")
-    for k in ("store", "base_config", "grid"):
-        if k not in raw:
-            raise SweepConfigError(f"{source}: missing key {k!r}; fix: add it (see `lrscale sweep --help`)")
-    grid_raw = {k: v for k, v in dict(raw["grid"]).items() if not k.startswith("_")}
-    grid_fields = {f.name for f in fields(SweepGrid)}
-    bad = [k for k in grid_raw if k not in grid_fields]
-    if bad:
-        raise SweepConfigError(f"{source}: grid has unknown key(s) {bad}; fix: use {sorted(grid_fields)}")
-    for k in ("widths", "depths", "token_budgets", "batch_tokens"):
-        if k in grid_raw:
-            grid_raw[k] = tuple(grid_raw[k])
-    center = grid_raw.get("lr_center")
-    if isinstance(center, dict) and "law" in center:
-        grid_raw["lr_center"] = _center_from_law(center, base_dir, source)
-    try:
-        grid = SweepGrid(**grid_raw)
-    except TypeError as e:
-        raise SweepConfigError(f"{source}: grid: {e}; fix: give {sorted(grid_fields)}") from None
-    except ValueError as e:
-        raise SweepConfigError(f"{source}: grid: {e}") from None
-    train_raw = {k: v for k, v in dict(raw.get("train", {})).items() if not k.startswith("_")}
-    set_fields = {f.name for f in fields(GPTSweepSettings)} - {"base_config", "shift_log"}
-    bad = [k for k in train_raw if k not in set_fields]
-    if bad:
-        raise SweepConfigError(f"{source}: train has unknown key(s) {bad}; fix: use {sorted(set_fields)}")
-    store = Path(_resolve(base_dir, raw["store"]))
-    base_config = _resolve(base_dir, raw["base_config"])
-    if not Path(base_config).is_file():
-        raise SweepConfigError(
-            f"{source}: base_config={raw['base_config']!r} not found at {base_config}; "
-            "fix: give a GPT config path relative to the sweep config"
-        )
-    settings = GPTSweepSettings(base_config=base_config, shift_log=str(store), **train_raw)
-    workers = raw.get("workers", 1)
-    if not isinstance(workers, int) or workers < 1:
-        raise SweepConfigError(f"{source}: workers={workers!r}; fix: use a positive integer")
-    csv_path = Path(_resolve(base_dir, raw["csv"])) if raw.get("csv") else None
-    return SweepConfig(store, grid, settings, workers, csv_path, source)
-
-
-def _center_from_law(center: dict[str, Any], base_dir: Path, source: str) -> dict[str, Any]:
-    """``{"law": NAME_OR_PATH}`` -> the inline ``lr_center`` of that law file (paths relative to the config)."""
-    from lrscale_megatron.law.lawfile import LawFileError, load_law
-    from lrscale_megatron.sweep.runner import CENTER_PREDICTORS
-
-    if set(center) != {"law"}:
-        raise SweepConfigError(
-            f"{source}: grid.lr_center={center!r}; fix: give either {{'law': NAME_OR_PATH}} or "
-            "{'coefficient': c, 'exponents': {...}}, not both"
-        )
-    ref = str(center["law"])
-    path = Path(_resolve(base_dir, ref))
-    try:
-        law = load_law(str(path) if path.is_file() else ref)
-    except (LawFileError, ValueError) as e:
-        raise SweepConfigError(f"{source}: grid.lr_center.law={ref!r}: {e}") from None
-    bad = [p for p in law.predictors if p not in CENTER_PREDICTORS]
-    if bad:
-        raise SweepConfigError(
-            f"{source}: grid.lr_center.law={ref!r} uses predictors {bad}; "
-            f"fix: a law in {CENTER_PREDICTORS} only"
-        )
-    return {"coefficient": law.coefficient, "exponents": dict(law.exponents), "source": ref}
-
-
-def load_sweep_config(path: str | Path) -> SweepConfig:
-    p = Path(path)
-    if not p.is_file():
-        raise SweepConfigError(f"sweep config {str(p)!r} not found; fix: e.g. configs/sweep/cpu-sweep.json")
-    try:
-        raw = json.loads(p.read_text())
-    except json.JSONDecodeError as e:
-        raise SweepConfigError(f"{p}: not valid JSON ({e}); fix: the JSON syntax") from None
-    return parse_sweep_config(raw, p.parent, str(p))
 
 
 def usable_cores() -> int:
@@ -303,7 +200,8 @@ def run_sweep_cli(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
     )
     dt = time.monotonic() - t0
     print(
-        f"sweep {sc.source}: {summary.finished}/{summary.total} finished, {summary.failed} failed, "
+        f"sweep {sc.source}: {summary.finished}/{summary.total} finished, {summary.diverged} diverged, "
+        f"{summary.failed} failed, "
         f"{summary.skipped} already done, {summary.reset} reset; {dt:.0f} s with {workers} worker(s); "
         f"store {store_path}",
         file=out,

@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lrscale_megatron.sweep.runner import Report, RunResult
+from lrscale_megatron.sweep.runner import DivergedError, Report, RunResult
 
 logger = logging.getLogger(__name__)
 
@@ -179,11 +179,14 @@ def gpt_train_fn(config: dict[str, Any], report: Report, settings: GPTSweepSetti
     cfg = config_from_dict(raw, base_dir=base_dir, source=f"sweep:{settings.base_config}")
     result = train(cfg)
     for rec in result.history:
-        report(step=rec.step, train_loss=rec.train_loss, tokens=rec.tokens, val_loss=rec.val_loss)
+        if not math.isfinite(rec.train_loss):  # diverged from here on: kept as a diverged run, below
+            break
+        val = rec.val_loss if rec.val_loss is not None and math.isfinite(rec.val_loss) else None
+        report(step=rec.step, train_loss=rec.train_loss, tokens=rec.tokens, val_loss=val)
     if settings.shift_log is not None and result.shift_loss is not None:
         _log_shift(settings.shift_log, config, result.shift_loss, cfg.data.corpus)
     if not math.isfinite(result.history[-1].train_loss):
-        raise FloatingPointError(f"run diverged: final train loss {result.history[-1].train_loss}")
+        raise DivergedError(f"final train loss {result.history[-1].train_loss}")
     return RunResult(
         final_train_loss=float(result.history[-1].train_loss),
         final_val_loss=float(result.final_val_loss) if math.isfinite(result.final_val_loss) else None,

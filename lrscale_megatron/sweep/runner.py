@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from lrscale_megatron.sweep.store import SweepStore, this_owner
+from lrscale_megatron.sweep.store import DIVERGED_PREFIX, SweepStore, this_owner
 
 logger = logging.getLogger(__name__)
 
@@ -66,6 +66,12 @@ class RunResult:
 
 TrainFn = Callable[[dict[str, Any], Report], RunResult]
 
+
+class DivergedError(FloatingPointError):
+    """Raised by a ``train_fn`` whose loss became NaN/Inf: the run is kept as *diverged* (a result: its LR
+    is too high, a loss above every finite one), not as a failure to retry."""
+
+
 CENTER_PREDICTORS = ("width", "depth", "params", "tokens", "batch")
 
 
@@ -87,6 +93,10 @@ class SweepGrid:
             ``c * prod x ** e`` (a fine grid that brackets every group's optimum without spending runs
             far from it). ``lr_min`` / ``lr_max`` are then optional clamps on the centre.
         lr_span: ratio of the largest to the smallest LR of a centred group grid.
+        tokens_per_param: when set, each run's token budget is ``tokens_per_param * params`` (rounded to
+            whole batches, at least 2) instead of ``token_budgets`` (which must then be empty).
+        seeds: when given, every run is repeated once per seed (``"seed"`` in its config, overriding
+            ``base``); the law's optimum extraction averages the repeats' losses per LR.
     """
 
     widths: tuple[int, ...]
@@ -100,11 +110,24 @@ class SweepGrid:
     base: dict[str, Any] = field(default_factory=dict)
     lr_center: dict[str, Any] | None = None
     lr_span: float | None = None
+    tokens_per_param: float | None = None
+    seeds: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         for name in ("widths", "depths", "token_budgets", "batch_tokens"):
             vals = tuple(getattr(self, name))
             object.__setattr__(self, name, vals)
+            if name == "token_budgets" and self.tokens_per_param is not None:
+                if vals:
+                    raise ValueError(
+                        f"SweepGrid.token_budgets={vals!r} with tokens_per_param={self.tokens_per_param}; "
+                        "fix: give one of them (token_budgets: [] with tokens_per_param)"
+                    )
+                if not (isinstance(self.tokens_per_param, int | float) and self.tokens_per_param > 0):
+                    raise ValueError(
+                        f"SweepGrid.tokens_per_param={self.tokens_per_param!r}; fix: a positive number"
+                    )
+                continue
             if not vals or any(not (isinstance(v, int | float) and v > 0) for v in vals):
                 raise ValueError(f"SweepGrid.{name}={vals!r}; fix: give at least one positive value")
         if self.lr_center is None:
@@ -119,6 +142,9 @@ class SweepGrid:
                 )
         else:
             self._check_center()
+        object.__setattr__(self, "seeds", tuple(self.seeds))
+        if len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"SweepGrid.seeds={self.seeds!r}; fix: list each seed once")
         if self.n_lr < 1 or (self.n_lr == 1 and (self.lr_center is not None or self.lr_min != self.lr_max)):
             raise ValueError(f"SweepGrid.n_lr={self.n_lr}; fix: use n_lr >= 2 (or 1 with lr_min == lr_max)")
 
@@ -187,12 +213,14 @@ class SweepGrid:
         out = []
         for w in self.widths:
             for d in self.depths:
-                for t in self.token_budgets:
-                    for b in self.batch_tokens:
-                        for lr in self.lrs(int(w), int(d), t, b):
+                for t, b in self._budgets(12 * int(d) * int(w) ** 2):
+                    for lr in self.lrs(int(w), int(d), t, b):
+                        for seed in self.seeds or (None,):
+                            extra = {} if seed is None else {"seed": int(seed)}
                             out.append(
                                 {
                                     **self.base,
+                                    **extra,
                                     "width": int(w),
                                     "depth": int(d),
                                     "params": 12 * int(d) * int(w) ** 2,
@@ -203,6 +231,13 @@ class SweepGrid:
                                 }
                             )
         return out
+
+    def _budgets(self, params: int) -> list[tuple[float, int]]:
+        """(tokens, batch_tokens) of every run of one shape."""
+        if self.tokens_per_param is None:
+            return [(t, int(b)) for t in self.token_budgets for b in self.batch_tokens]
+        tpp = self.tokens_per_param
+        return [(max(2, round(tpp * params / b)) * int(b), int(b)) for b in self.batch_tokens]
 
 
 def _as_result(value: Any) -> RunResult:
@@ -239,6 +274,10 @@ def _worker(store_path: str, train_fn: TrainFn, run_ids: Sequence[str]) -> int:
 
             try:
                 res = _as_result(train_fn(run.config, report))
+            except DivergedError as e:
+                logger.warning("run %s diverged (lr=%s): %s", rid, run.config.get("lr"), e)
+                store.fail(rid, owner, f"{DIVERGED_PREFIX} {e}", time.monotonic() - t0)
+                continue
             except Exception:
                 err = traceback.format_exc()
                 logger.error("run %s failed:\n%s", rid, err)
@@ -261,13 +300,14 @@ def _worker(store_path: str, train_fn: TrainFn, run_ids: Sequence[str]) -> int:
 
 @dataclass(frozen=True)
 class SweepSummary:
-    """Store state for this sweep's runs after :func:`run_sweep`."""
+    """Store state for this sweep's runs after :func:`run_sweep` (``failed`` excludes ``diverged``)."""
 
     total: int
     finished: int
     failed: int
     reset: int
     skipped: int
+    diverged: int = 0
 
 
 def run_sweep(
@@ -289,7 +329,7 @@ def run_sweep(
         reset = store.reset_stale()
         if retry_failed:
             store.retry_failed()
-        skipped = sum(1 for r in unique if (run := store.get(r)) is not None and run.state == "finished")
+        skipped = sum(1 for r in unique if (run := store.get(r)) is not None and run.done)
         logger.info("sweep: %d runs, %d already finished, %d reset", len(unique), skipped, len(reset))
         pending = [r for r in unique if (run := store.get(r)) is not None and run.state == "pending"]
         bar = None
@@ -323,9 +363,11 @@ def run_sweep(
                 p.join()
             if bar is not None:
                 bar.close()
-        states = [run.state for r in unique if (run := store.get(r)) is not None]
+        runs = [run for r in unique if (run := store.get(r)) is not None]
+        states = [run.state for run in runs]
+        n_div = sum(run.diverged for run in runs)
         return SweepSummary(
-            len(unique), states.count("finished"), states.count("failed"), len(reset), skipped
+            len(unique), states.count("finished"), states.count("failed") - n_div, len(reset), skipped, n_div
         )
     finally:
         store.close()

@@ -8,7 +8,7 @@
 * A run left ``running`` by a dead process (owner ``host:pid`` no longer alive) is reset to
   ``pending`` by :meth:`SweepStore.reset_stale`; its partial steps are deleted when it is claimed again,
   so a redone run never duplicates steps.
-* ``energy_j`` is NULL when unavailable, never 0.
+* ``energy_j`` is NULL when unavailable, never 0. A diverged run is ``failed`` with a ``diverged:`` error.
 """
 
 from __future__ import annotations
@@ -29,6 +29,9 @@ from typing import Any
 logger = logging.getLogger(__name__)
 
 STATES = ("pending", "running", "finished", "failed")
+
+#: Error prefix of a run that *diverged* (NaN/Inf loss): a result, never retried; the law reads it as +inf.
+DIVERGED_PREFIX = "diverged:"
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
@@ -110,6 +113,16 @@ class Run:
     error: str | None
     started_at: float | None
     finished_at: float | None
+
+    @property
+    def diverged(self) -> bool:
+        """The run ended with a NaN/Inf loss (stored as ``failed`` with a ``diverged:`` error)."""
+        return self.state == "failed" and (self.error or "").startswith(DIVERGED_PREFIX)
+
+    @property
+    def done(self) -> bool:
+        """Finished, or diverged (both are results; neither is run again)."""
+        return self.state == "finished" or self.diverged
 
 
 class SweepStore:
@@ -199,10 +212,14 @@ class SweepStore:
         return reset
 
     def retry_failed(self) -> list[str]:
-        """Move failed runs back to pending; returns their ids."""
+        """Move failed runs back to pending (diverged runs stay: they are results); returns their ids."""
+        q = "FROM runs WHERE state='failed' AND (error IS NULL OR error NOT LIKE ?)"
         with self._tx() as db:
-            ids = [r["run_id"] for r in db.execute("SELECT run_id FROM runs WHERE state='failed'").fetchall()]
-            db.execute("UPDATE runs SET state='pending', owner=NULL WHERE state='failed'")
+            ids = [r["run_id"] for r in db.execute(f"SELECT run_id {q}", (DIVERGED_PREFIX + "%",)).fetchall()]
+            db.execute(
+                f"UPDATE runs SET state='pending', owner=NULL {q.removeprefix('FROM runs ')}",
+                (DIVERGED_PREFIX + "%",),
+            )
         return ids
 
     # -- progress of one run ---------------------------------------------------------------------
@@ -270,6 +287,60 @@ class SweepStore:
                 "UPDATE runs SET state='failed', finished_at=?, error=?, wall_clock_s=? WHERE run_id=?",
                 (time.time(), error, wall_clock_s, rid),
             )
+
+    def record_result(self, config: dict[str, Any], doc: dict[str, Any]) -> bool:
+        """Record a run done elsewhere (a result file of :mod:`lrscale_megatron.tune.filestore`) in one
+        transaction. Idempotent: a run already finished or diverged here is kept (returns ``False``)."""
+        rid = run_id(config)
+        state = doc["state"]
+        if state not in ("finished", "diverged", "failed"):
+            raise ValueError(f"run {rid}: result state={state!r}; fix: finished, diverged or failed")
+        energy = doc.get("energy_j")
+        if energy is not None and not energy > 0:
+            raise ValueError(f"run {rid}: energy_j={energy!r}; fix: None when unavailable, never 0")
+        now = time.time()
+        with self._tx() as db:
+            db.execute(
+                "INSERT OR IGNORE INTO runs (run_id, config, state, created_at) VALUES (?, ?, 'pending', ?)",
+                (rid, json.dumps(config, sort_keys=True), now),
+            )
+            row = db.execute("SELECT state, error FROM runs WHERE run_id=?", (rid,)).fetchone()
+            if row["state"] == "finished" or (
+                row["state"] == "failed" and (row["error"] or "").startswith(DIVERGED_PREFIX)
+            ):
+                return False
+            db.execute("DELETE FROM train_steps WHERE run_id=?", (rid,))
+            db.execute("DELETE FROM val_losses WHERE run_id=?", (rid,))
+            db.executemany(
+                "INSERT OR REPLACE INTO train_steps (run_id, step, loss, tokens, wall_clock_s) VALUES (?, ?, ?, ?, ?)",
+                [(rid, int(st), float(lo), tk, wl) for st, lo, tk, wl in doc.get("steps", [])],
+            )
+            db.executemany(
+                "INSERT OR REPLACE INTO val_losses (run_id, step, loss, tokens) VALUES (?, ?, ?, ?)",
+                [(rid, int(st), float(lo), tk) for st, lo, tk in doc.get("vals", [])],
+            )
+            error = doc.get("error")
+            if state == "diverged":
+                error = f"{DIVERGED_PREFIX} {error or 'NaN/Inf loss'}"
+            db.execute(
+                "UPDATE runs SET state=?, owner=?, attempts=?, started_at=?, finished_at=?, final_train_loss=?, "
+                "final_val_loss=?, tokens=?, wall_clock_s=?, energy_j=?, error=? WHERE run_id=?",
+                (
+                    "finished" if state == "finished" else "failed",
+                    f"file:{doc.get('host', '?')}",
+                    int(doc.get("attempt", 1)),
+                    doc.get("written_at"),
+                    doc.get("written_at"),
+                    doc.get("final_train_loss"),
+                    doc.get("final_val_loss"),
+                    doc.get("tokens"),
+                    doc.get("wall_clock_s"),
+                    energy,
+                    error,
+                    rid,
+                ),
+            )
+        return True
 
     # -- reading ------------------------------------------------------------------------------------
 

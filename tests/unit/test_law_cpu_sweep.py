@@ -1,9 +1,11 @@
-"""The shipped cpu-sweep law against the committed CPU sweep store (real megatron-core GPT runs).
+"""The withdrawn cpu-sweep law against the committed CPU sweep store (real megatron-core GPT runs).
 
-Checks that the law file is exactly what its recorded command produces from the data in
-``data/sweeps/cpu-sweep.sqlite`` (nothing hand-edited), and that the law-selection procedure beats
-the obvious alternative, one constant LR, on (N, D) groups it did not see. The CV R² target of the
-issue (0.95) is not met on this sweep; docs/scaling-law.md reports why.
+The law (width, depth, tokens, batch) is no longer shipped (issue 10): its tokens and batch exponents
+have signs against the literature and, bootstrapped over whole (params, tokens) groups, intervals that
+exclude 0; refits with fewer predictors explain nothing. These tests pin that record: the withdrawn file
+is what its command produces from ``data/sweeps/cpu-sweep.sqlite`` (nothing hand-edited), the reasons
+hold, it cannot be loaded by name, and in-grid the procedure still beats one constant LR (it was
+withdrawn for its extrapolations, not for its in-grid fit). See docs/scaling-law.md.
 """
 
 from __future__ import annotations
@@ -16,11 +18,14 @@ import pytest
 from lrscale_megatron.law.data import load_store
 from lrscale_megatron.law.evaluate import RegretSummary, nested_leave_one_nd_out, regret_at
 from lrscale_megatron.law.fit import FitConfig
-from lrscale_megatron.law.lawfile import load_law
+from lrscale_megatron.law.lawfile import LawFileError, load_law, shipped_law_names
 from lrscale_megatron.law.optimum import extract_optima, group_curves
 from lrscale_megatron.law.pipeline import fit_law
 
-DB = Path(__file__).resolve().parents[2] / "data" / "sweeps" / "cpu-sweep.sqlite"
+ROOT = Path(__file__).resolve().parents[2]
+DB = ROOT / "data" / "sweeps" / "cpu-sweep.sqlite"
+WITHDRAWN = ROOT / "data" / "sweeps" / "cpu-sweep-law-withdrawn.json"
+PROV = {"data": str(DB), "date": "test", "command": "test"}
 
 
 @pytest.fixture(scope="module")
@@ -28,21 +33,33 @@ def table():
     return load_store(DB, "val")
 
 
-def test_shipped_law_refits_from_the_store(table):
-    law = load_law("cpu-sweep")
+def test_withdrawn_law_is_not_shipped_and_refits_from_the_store(table):
+    assert "cpu-sweep" not in shipped_law_names()
+    with pytest.raises(LawFileError, match="unknown law name 'cpu-sweep'"):
+        load_law("cpu-sweep")
+    law = load_law(WITHDRAWN)
     prov = law.provenance
+    assert "withdrawn" in prov
     cfg = FitConfig(law.predictors, folds=5, bootstrap=0, seed=prov["seed"], regressor=prov["regressor"])
-    prov0 = {"data": str(DB), "date": "test", "command": "test"}
-    fitted = fit_law(table, cfg, "refit", prov0, method=law.optimum_method)
+    fitted = fit_law(table, cfg, "refit", PROV, method=law.optimum_method)
     assert prov["n_runs"] == len(table) and prov["n_optima"] == len(fitted.optima)
     assert fitted.law.coefficient == pytest.approx(law.coefficient, rel=1e-9)
     for p in law.predictors:
         assert fitted.law.exponents[p] == pytest.approx(law.exponents[p], abs=1e-9)
-    assert fitted.fit.cv is not None and fitted.fit.cv.r2 == pytest.approx(law.cv["r2"], abs=1e-9)
-    assert law.cv["r2"] > 0.3  # the measured 0.428; explains a real part of eta*'s variance
 
 
-def test_selected_law_beats_a_constant_lr_on_held_out_groups(table):
+def test_why_withdrawn_signs_hold_under_the_group_bootstrap_and_fewer_predictors_explain_nothing(table):
+    law = load_law(WITHDRAWN)
+    cfg = FitConfig(law.predictors, folds=5, bootstrap=200, seed=0, regressor="ols")
+    fit = fit_law(table, cfg, "refit", PROV, method="argmin").fit
+    assert fit.bootstrap_unit == "group"
+    assert fit.ci["tokens"][0] > 0 and fit.ci["batch"][1] < 0  # against the literature, and not noise
+    for preds in (("params",), ("width", "depth"), ("params", "batch")):
+        small = fit_law(table, FitConfig(preds, folds=5, bootstrap=0, regressor="ols"), "x", PROV, "argmin")
+        assert small.fit.cv is not None and small.fit.cv.r2 < 0.15, (preds, small.fit.cv)
+
+
+def test_in_grid_the_procedure_beats_a_constant_lr_on_held_out_groups(table):
     curves = group_curves(table)
     law_rows, _ = nested_leave_one_nd_out(curves, FitConfig(("width", "depth", "tokens", "batch")))
     optima = extract_optima(curves, "argmin")

@@ -48,10 +48,25 @@ def test_bad_values_name_the_fix(tmp_path):
         "n_lr": 2,
         "seq_len": 32,
     }
-    with pytest.raises(SweepConfigError, match="unknown key"):
+    with pytest.raises(SweepConfigError, match=r"bogus=1: unknown key\. Fix: remove it; known keys: store"):
         parse_sweep_config({"store": "s", "base_config": base, "grid": grid, "bogus": 1}, tmp_path)
-    with pytest.raises(SweepConfigError, match="train has unknown"):
+    with pytest.raises(
+        SweepConfigError, match=r"train\.x=1: unknown key\. Fix: remove it; known keys: head_dim"
+    ):
         parse_sweep_config({"store": "s", "base_config": base, "grid": grid, "train": {"x": 1}}, tmp_path)
+    with pytest.raises(SweepConfigError, match=r"grid\.widht=.*did you mean 'widths'"):
+        parse_sweep_config({"store": "s", "base_config": base, "grid": {**grid, "widht": [3]}}, tmp_path)
+    with pytest.raises(SweepConfigError, match=r"grid\.widths\.0='32': has type str, expected an integer"):
+        parse_sweep_config({"store": "s", "base_config": base, "grid": {**grid, "widths": ["32"]}}, tmp_path)
+    with pytest.raises(SweepConfigError, match=r"grid\.lr_min=0\.1.*Fix: need 0 < lr_min <= lr_max"):
+        parse_sweep_config({"store": "s", "base_config": base, "grid": {**grid, "lr_min": 0.1}}, tmp_path)
+    with pytest.raises(SweepConfigError, match=r"base_config='nope\.json': not found"):
+        parse_sweep_config({"store": "s", "base_config": "nope.json", "grid": grid}, tmp_path)
+    with pytest.raises(SweepConfigError, match=r"store=None: missing required key"):
+        parse_sweep_config({"base_config": base, "grid": grid}, tmp_path)
+    from lrscale_megatron.configs.base import ConfigError
+
+    assert issubclass(SweepConfigError, ConfigError)
     s = GPTSweepSettings(base_config=base, head_dim=16)
     with pytest.raises(ValueError, match="head_dim"):
         train_config_dict(
@@ -88,7 +103,7 @@ def test_lr_center_from_a_law_file(tmp_path):
 
     base = str(ROOT / "configs" / "gpt" / "cpu-tiny.json")
     law_path = tmp_path / "pilot.json"
-    law_path.write_text((ROOT / "lrscale_megatron" / "laws" / "cpu-sweep.json").read_text())
+    law_path.write_text((ROOT / "data" / "sweeps" / "cpu-sweep-law-withdrawn.json").read_text())
     grid = {
         "widths": [32, 128],
         "depths": [1],
