@@ -69,9 +69,10 @@ class MeasurementMemory:
         return self.total_bytes / max(self.n_params, 1)
 
     def render(self) -> str:
-        graph = f" + graph {self.graph_bytes / GIB:.2f}" if self.mode == "exact" else ""
+        unit, scale = ("GiB", GIB) if self.total_bytes >= GIB else ("MiB", 1024**2)
+        graph = f" + graph {self.graph_bytes / scale:.2f}" if self.mode == "exact" else ""
         return (
-            f"measurement extra {self.total_bytes / GIB:.2f} GiB = vectors {self.vectors_bytes / GIB:.2f}"
+            f"measurement extra {self.total_bytes / scale:.2f} {unit} = vectors {self.vectors_bytes / scale:.2f}"
             f"{graph} (hvp={self.mode}, k=1, any max_iter, {self.bytes_per_param:.1f} B/param, "
             f"{self.total_bytes / max(self.n_params * self.param_bytes, 1):.1f} x parameter bytes)"
         )
@@ -144,7 +145,10 @@ def check_layout(model: Any, mode: str, *, engine: Any = None, grad_fn: Any = No
             "use ZeRO stage 0, 1 or 2 with online adaptation",
         )
     cfg = _megatron_config(model)
-    ep = max(_ps_size("get_expert_model_parallel_world_size"), 1)
+    ep = max(
+        _ps_size("get_expert_model_parallel_world_size"),
+        int(getattr(cfg, "expert_model_parallel_size", 1) or 1),
+    )
     if getattr(engine, "has_moe_layers", False) or ep > 1 or getattr(cfg, "num_moe_experts", None):
         raise MeasurementRefused(
             "expert parallel / MoE",
@@ -248,13 +252,15 @@ def preflight(
     grad_fn: Any = None,
     activation_bytes: int = 0,
     reserve_bytes: int = 0,
+    free_bytes: int | None = None,
 ) -> MeasurementMemory:
     """Refuse (:class:`MeasurementRefused`) what cannot be measured; return the measurement's memory.
 
     On CUDA, also refuse when the estimate exceeds ``FREE_MEMORY_MARGIN`` of the device's free memory
-    minus ``reserve_bytes`` (what the training step still needs, e.g. its activations). On CPU the fit
-    is not checked; the estimate is still returned. ``parallel`` and ``batch`` are accepted for the
-    scheduler's call signature.
+    (``free_bytes``, default: ``torch.cuda.mem_get_info`` plus the allocator's cached blocks) minus
+    ``reserve_bytes`` (what the training step still needs, e.g. its activations). On CPU the fit is not
+    checked unless ``free_bytes`` is given; the estimate is still returned. ``parallel`` and ``batch`` are
+    accepted for the scheduler's call signature.
     """
     del parallel, batch
     mode = online_cfg.hvp
@@ -270,16 +276,19 @@ def preflight(
         activation_bytes=activation_bytes,
     )
     first = next((p for p in _unwrap(model).parameters()), None)
-    if first is not None and first.device.type == "cuda":
+    if free_bytes is None and first is not None and first.device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(first.device)
-        cached = torch.cuda.memory_reserved(first.device) - torch.cuda.memory_allocated(first.device)
-        available = FREE_MEMORY_MARGIN * (free + cached) - reserve_bytes
+        free_bytes = (
+            free + torch.cuda.memory_reserved(first.device) - torch.cuda.memory_allocated(first.device)
+        )
+    if free_bytes is not None:
+        available = FREE_MEMORY_MARGIN * free_bytes - reserve_bytes
         if mem.total_bytes > available:
             raise MeasurementRefused(
                 "online.hvp",
                 mode,
-                f"the measurement needs {mem.total_bytes / GIB:.2f} GiB but {available / GIB:.2f} GiB are "
-                "free on this GPU after the training step's reserve",
+                f"the measurement needs {mem.total_bytes / GIB:.2f} GiB but {max(available, 0) / GIB:.2f} GiB "
+                "are free on this GPU after the training step's reserve",
                 "use hvp='fd' (no graph), fewer parameters per GPU (more TP/PP), or online.enabled=false",
             )
     return mem
