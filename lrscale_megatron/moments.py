@@ -56,8 +56,13 @@ def second_moments(optimizer: Any, params: Sequence[torch.Tensor]) -> tuple[list
     if any(hasattr(p, "_hp_mapping") for p in params):
         return _deepspeed_linked(opt, params)
     name = type(opt).__name__
+    if hasattr(opt, "chained_optimizers"):  # megatron ChainedOptimizer (what get_megatron_optimizer returns)
+        return _chained(opt, params)
     if hasattr(opt, "model_param_group_index_map") and hasattr(opt, "_get_model_param_range_map"):
-        return _megatron_distributed(opt, params)
+        vs, eps, covered = _megatron_distributed([opt], params)
+        if not all(covered):
+            raise MomentsUnavailable(f"{sum(not c for c in covered)} parameters are not trained by {name}")
+        return vs, eps
     if hasattr(opt, "fp32_groups_flat") and hasattr(opt, "fp16_groups"):
         return _flat_copies(opt, params, opt.fp16_groups, opt.fp32_groups_flat)
     if hasattr(opt, "fp32_from_float16_groups") and hasattr(opt, "float16_groups"):
@@ -255,26 +260,76 @@ def _main_copies(
     return out, _eps(groups)
 
 
-def _megatron_distributed(opt: Any, params: list[torch.Tensor]) -> tuple[list[torch.Tensor], float]:
-    """megatron ``DistributedOptimizer``: this rank's main-param shards, one all-reduce over DP."""
-    inner = opt.optimizer
+def _covers(opt: Any, p: torch.Tensor) -> bool:
+    groups = getattr(opt, "float16_groups", None) or getattr(opt, "param_groups", [])
+    flat = (q for g in groups for q in (g["params"] if isinstance(g, dict) else g))
+    return any(q is p for q in flat)
+
+
+def _chained(opt: Any, params: list[torch.Tensor]) -> tuple[list[torch.Tensor], float]:
+    """megatron ``ChainedOptimizer``: its distributed sub-optimizers fill one shared buffer (one
+    all-reduce); the others give their parameters directly."""
+    subs = list(opt.chained_optimizers)
+    distributed = [s for s in subs if hasattr(s, "model_param_group_index_map")]
+    out: list[torch.Tensor | None] = [None] * len(params)
+    eps_seen: set[float] = set()
+    if distributed:
+        vs, eps, covered = _megatron_distributed(distributed, params)
+        eps_seen.add(eps)
+        for i, v in enumerate(vs):
+            if covered[i]:
+                out[i] = v
+    for sub in subs:
+        if sub in distributed:
+            continue
+        idx = [i for i, p in enumerate(params) if out[i] is None and _covers(sub, p)]
+        if idx:
+            vs, eps = second_moments(sub, [params[i] for i in idx])
+            eps_seen.add(eps)
+            for i, v in zip(idx, vs):
+                out[i] = v
+    missing = [tuple(params[i].shape) for i, v in enumerate(out) if v is None]
+    if missing:
+        raise MomentsUnavailable(f"parameters of shapes {missing[:3]} are in none of the chained optimizers")
+    if len(eps_seen) > 1:
+        raise MomentsUnavailable(f"chained optimizers use different eps {sorted(eps_seen)}. Fix: use one eps")
+    return [v for v in out if v is not None], eps_seen.pop()
+
+
+def _megatron_distributed(
+    opts: Sequence[Any], params: list[torch.Tensor]
+) -> tuple[list[torch.Tensor], float, list[bool]]:
+    """megatron ``DistributedOptimizer`` (one or several sharing a data-parallel group): each rank copies
+    its main-param shards' ``v̂`` into a buffer laid out like ``params`` (plus one coverage flag per
+    parameter), one all-reduce over DP. Returns ``(v̂, eps, covered)``."""
+    dp_groups = {id(o.data_parallel_group): o.data_parallel_group for o in opts}
+    if len(dp_groups) > 1:
+        raise MomentsUnavailable(
+            "distributed optimizers over different data-parallel groups (expert parallelism): not "
+            "supported. Fix: no MoE layers with online adaptation"
+        )
     offsets = _offsets(params)
-    buf = torch.zeros(offsets[-1], dtype=torch.float32, device=params[0].device)
+    n = offsets[-1]
+    buf = torch.zeros(n + len(params), dtype=torch.float32, device=params[0].device)
     groups = []
-    for i, p in enumerate(params):
-        if p not in opt.model_param_group_index_map:
-            continue  # another data-parallel rank owns all of p
-        gi, order = opt.model_param_group_index_map[p]
-        group = inner.param_groups[gi]
-        hp = group["params"][order]
-        shard = opt._get_model_param_range_map(p)["param"]
-        v = _corrected(inner, hp, group).reshape(-1)
-        if v.numel() != shard.size:
-            raise MomentsUnavailable(
-                f"megatron main shard has {v.numel()} elements, its range says {shard.size}: unsupported "
-                "distributed-optimizer layout (precision-aware optimizer?). Fix: online.precondition=false"
-            )
-        buf[offsets[i] + shard.start : offsets[i] + shard.end].copy_(v)
-        groups.append(group)
-    _all_reduce(buf, opt.data_parallel_group)
-    return _split(buf, params, offsets), _eps(groups or inner.param_groups)
+    for opt in opts:
+        inner = opt.optimizer
+        for i, p in enumerate(params):
+            if p not in opt.model_param_group_index_map:
+                continue  # another data-parallel rank (or another optimizer) owns all of p
+            gi, order = opt.model_param_group_index_map[p]
+            group = inner.param_groups[gi]
+            shard = opt._get_model_param_range_map(p)["param"]
+            v = _corrected(inner, group["params"][order], group).reshape(-1)
+            if v.numel() != shard.size:
+                raise MomentsUnavailable(
+                    f"megatron main shard has {v.numel()} elements, its range says {shard.size}: unsupported "
+                    "distributed-optimizer layout (precision-aware optimizer?). Fix: online.precondition=false"
+                )
+            buf[offsets[i] + shard.start : offsets[i] + shard.end].copy_(v)
+            buf[n + i] = 1.0
+            groups.append(group)
+    _all_reduce(buf, next(iter(dp_groups.values())))
+    covered = (buf[n:] > 0).tolist()
+    eps = _eps(groups or [g for o in opts for g in o.optimizer.param_groups])
+    return _split(buf[:n], params, offsets), eps, covered
