@@ -112,13 +112,19 @@ def stage_params(cfg: TrainConfig) -> float:
     return per_layer * L / p.pp / p.tp + V * h / p.tp + S * h
 
 
-def micro_batch_activations(cfg: TrainConfig) -> float:
-    """Bytes of one micro-batch's activations on the first stage (Korthikanti et al. 2022, Eq. 2)."""
+def micro_batch_activations(
+    cfg: TrainConfig, *, tp: int | None = None, pp: int | None = None, micro_batch_size: int | None = None
+) -> float:
+    """Bytes of one micro-batch's activations on the first stage (Korthikanti et al. 2022, Eq. 2);
+    ``tp``, ``pp``, ``micro_batch_size`` override the config's."""
     m, p, t = cfg.model, cfg.parallel, cfg.training
-    h, L, S, a, tp = m.hidden_size, m.num_layers, m.seq_length, m.num_heads, p.tp
+    tp = p.tp if tp is None else tp
+    pp = p.pp if pp is None else pp
+    b = t.micro_batch_size if micro_batch_size is None else micro_batch_size
+    h, L, S, a = m.hidden_size, m.num_layers, m.seq_length, m.num_heads
     attn = 5 * a * S / (h * tp) if m.transformer_impl == "local" else 0.0  # TE / auto on GPU: fused attention
     mixed = bool(cfg.deepspeed.get("bf16", {}).get("enabled") or cfg.deepspeed.get("fp16", {}).get("enabled"))
-    return S * t.micro_batch_size * h * (L / p.pp) * (10 + 24 / tp + attn) * (1 if mixed else 2)
+    return S * b * h * (L / pp) * (10 + 24 / tp + attn) * (1 if mixed else 2)
 
 
 def measurement_estimate(cfg: TrainConfig, dp: int) -> dict[str, dict[str, float]]:
