@@ -162,8 +162,11 @@ def _split(buf: torch.Tensor, params: list[torch.Tensor], offsets: list[int]) ->
 
 def _deepspeed_linked(wrapper: Any, params: list[torch.Tensor]) -> tuple[list[torch.Tensor], float]:
     """ZeRO-1/2 and ``BF16_Optimizer``: fragments of the fp32 flat partitions, one all-reduce per DP group."""
+    # the DeepSpeed wrapper, or the torch optimizer inside it (what a DeepSpeed scheduler is given)
     inner = getattr(wrapper, "optimizer", None)
     if inner is None or not hasattr(inner, "param_groups"):
+        inner = wrapper
+    if not hasattr(inner, "param_groups") or not hasattr(inner, "state"):
         raise MomentsUnavailable(f"{type(wrapper).__name__} has no inner torch optimizer")
     offsets = _offsets(params)
     device = params[

@@ -22,6 +22,8 @@ from lrscale_megatron.measurement import measure_lambda_max, preflight, second_m
 from lrscale_megatron.models.torch_gpt import TorchGPT, TorchGPTConfig, torch_gpt_loss
 from lrscale_megatron.parallel import ParallelContext
 
+STEPS, LR, BETAS, EPS = 3, 1e-2, (0.9, 0.95), 1e-8
+
 VARIANTS = {
     "zero1": {"zero_optimization": {"stage": 1}},
     "zero2": {"zero_optimization": {"stage": 2}},
@@ -36,7 +38,27 @@ VARIANTS = {
     # bf16 without ZeRO: FP16_UnfusedOptimizer holding one fp32 copy per parameter
     "bf16_zero0": {"bf16": {"enabled": True}, "zero_optimization": {"stage": 0}},
 }
-STEPS, LR, BETAS, EPS = 3, 1e-2, (0.9, 0.95), 1e-8
+# integrations.deepspeed.attach_curvature on an engine whose scheduler is LRScale (online)
+SCHED = {
+    "bf16_zero1_sched": {"bf16": {"enabled": True}, "zero_optimization": {"stage": 1}},
+    "zero3_sched": {"zero_optimization": {"stage": 3}},
+}
+LRSCALE = {
+    "type": "LRScale",
+    "params": {
+        "peak_lr": LR,
+        "warmup_steps": STEPS,
+        "total_steps": 100,
+        "online": {
+            "enabled": True,
+            "adapt_every": 100,
+            "hvp": "exact",
+            "max_iter": 40,
+            "tol": 1e-4,
+            "safety": 0.01,
+        },
+    },
+}
 
 
 def split(tok, r=None):
@@ -52,7 +74,46 @@ def two_groups(model):
     ]
 
 
+def run_sched(variant: str) -> dict:
+    """attach_curvature through the DeepSpeed integration: one measurement at the end of warmup."""
+    import lrscale_megatron.integrations.deepspeed as lrs_ds
+    from lrscale_megatron.measurement import MeasurementRefused
+
+    lrs_ds.register()
+    torch.manual_seed(0)
+    model = TorchGPT(TorchGPTConfig(vocab_size=32, seq_length=8, hidden_size=16, num_layers=1, num_heads=2))
+    model.init_weights(0)
+    cfg = {
+        "train_micro_batch_size_per_gpu": 2,
+        "gradient_accumulation_steps": 1,
+        "optimizer": {"type": "AdamW", "params": {"lr": LR, "betas": list(BETAS), "torch_adam": True}},
+        "scheduler": LRSCALE,
+        **SCHED[variant],
+    }
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=two_groups(model), config=cfg)
+    rank = dist.get_rank()
+    g = torch.Generator().manual_seed(1)
+    batches = [torch.randint(0, 32, (4, 9), generator=g) for _ in range(STEPS + 1)]
+    result: dict = {"variant": variant}
+    try:
+        lrs_ds.attach_curvature(engine, torch_gpt_loss, split(batches[STEPS], rank))
+    except MeasurementRefused as e:
+        result["error"] = str(e)
+    else:
+        for tok in batches[:STEPS]:
+            engine.backward(torch_gpt_loss(engine, split(tok, rank)))
+            engine.step()
+        result["history"] = engine.lr_scheduler.history
+        result["host_optimizer"] = type(engine.lr_scheduler.host_optimizer).__name__
+    del engine
+    gc.collect()
+    dist.barrier()
+    return result
+
+
 def run(variant: str) -> dict:
+    if variant in SCHED:
+        return run_sched(variant)
     torch.manual_seed(0)
     model = TorchGPT(TorchGPTConfig(vocab_size=32, seq_length=8, hidden_size=16, num_layers=1, num_heads=2))
     model.init_weights(0)
@@ -91,6 +152,12 @@ def run(variant: str) -> dict:
     params = [p for p in engine.module.parameters() if p.requires_grad]
     ref_params = [p for p in reference.parameters() if p.requires_grad]
     v_hat, eps = second_moments(engine, params)
+    # what a DeepSpeed scheduler holds: the torch optimizer inside the wrapper (flat partitions)
+    from deepspeed.runtime.lr_schedules import get_torch_optimizer
+
+    if any(hasattr(p, "_hp_mapping") for p in params):
+        v_inner, _ = second_moments(get_torch_optimizer(engine.optimizer), params)
+        result["inner_equal"] = all(torch.equal(a, b) for a, b in zip(v_inner, v_hat))
     ref_v, ref_eps = second_moments(ref_opt, ref_params)
     result["eps"], result["ref_eps"] = eps, ref_eps
     result["v_rel_err"] = max(float((a - b).norm() / b.norm()) for a, b in zip(v_hat, ref_v))
