@@ -19,7 +19,9 @@ Launch (the config below, saved as ``ds_config.json``)::
     # or explicitly: lrscale_megatron.integrations.deepspeed.register()
     engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(),
                                       config="ds_config.json")
-    engine.lr_scheduler.attach_curvature(engine.module, loss_fn, held_batch)   # online mode only
+    # online mode only: Adam's v̂ from the engine's optimizer (ZeRO-1/2 flat partitions, bf16), refusals
+    # (ZeRO-3, ...) and the measurement's memory checked now
+    lrscale_megatron.integrations.deepspeed.attach_curvature(engine, loss_fn, held_batch)
 
 ``ds_config.json`` scheduler block (steps are optimizer iterations)::
 
@@ -29,8 +31,8 @@ Launch (the config below, saved as ``ds_config.json``)::
         "online": {"enabled": true, "adapt_every": 200}}}
 
 A client ``lr_scheduler=`` passed to ``deepspeed.initialize`` silently wins over the config's
-``"scheduler"`` (DeepSpeed behaviour); do not pass one. Online mode is not supported under ZeRO-3 (the
-curvature core needs whole parameters).
+``"scheduler"`` (DeepSpeed behaviour); do not pass one. Online mode is refused under ZeRO-3 (the
+curvature core needs whole parameters) when the curvature is attached.
 """
 
 from __future__ import annotations
@@ -57,7 +59,57 @@ def LRScale(optimizer: Any, **params: Any) -> LRScaleScheduler:  # noqa: N802 - 
     from deepspeed.runtime.lr_schedules import get_torch_optimizer
 
     config = LRScaleConfig.from_dict(params, where="scheduler.params")
-    return LRScaleScheduler(get_torch_optimizer(optimizer), config)
+    sched = LRScaleScheduler(get_torch_optimizer(optimizer), config)
+    sched.host_optimizer = optimizer  # type: ignore[attr-defined]  # the wrapper: where ZeRO/bf16 keep v̂
+    return sched
+
+
+def attach_curvature(
+    engine: Any,
+    loss_fn: Any,
+    batch: Any,
+    *,
+    param_groups: Any = None,
+    parallel: Any = None,
+    sync: bool = False,
+    reserve_bytes: int = 0,
+) -> None:
+    """Attach online curvature to ``engine.lr_scheduler`` (an LRScale scheduler) through
+    :func:`lrscale_megatron.measurement.curvature_estimator` with the engine: Adam's second moment from
+    whatever the engine's optimizer is (torch Adam/AdamW, ZeRO-1/2 flat partitions, ``BF16_Optimizer``,
+    bf16 without ZeRO), and :func:`~lrscale_megatron.measurement.preflight` refusing now what cannot be
+    measured (ZeRO-3, MoE, a measurement that will not fit next to ``reserve_bytes``).
+
+    ``batch`` is this rank's part of the held batch; every rank calls this and keeps stepping together
+    (the products are collective). ``parallel`` defaults to ``ParallelContext.from_deepspeed(engine)``.
+    ``param_groups``: the model parameters of each optimizer group, for ``online.per_group`` (under ZeRO
+    the optimizer's own groups hold flat partitions).
+    """
+    from lrscale_megatron.measurement import curvature_estimator
+    from lrscale_megatron.parallel import ParallelContext
+    from lrscale_megatron.preflight import check_layout
+
+    sched = engine.lr_scheduler
+    config = getattr(sched, "config", None)
+    if config is None or not hasattr(sched, "attach_estimator"):
+        raise TypeError(
+            f"engine.lr_scheduler is {type(sched).__name__}, not LRScale: set "
+            '"scheduler": {"type": "LRScale", ...} in the DeepSpeed config'
+        )
+    check_layout(engine.module, config.online.hvp, engine=engine)  # ZeRO-3 etc. refused before anything else
+    ctx = parallel if parallel is not None else ParallelContext.from_deepspeed(engine, engine.module)
+    estimator = curvature_estimator(
+        engine.module,
+        loss_fn,
+        batch,
+        config.online,
+        sync=sync,
+        parallel=ctx,
+        optimizer=engine.optimizer,
+        engine=engine,
+        reserve_bytes=reserve_bytes,
+    )
+    sched.attach_estimator(estimator, param_groups)
 
 
 def register() -> None:

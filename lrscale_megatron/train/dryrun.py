@@ -11,6 +11,11 @@ Reports
   2022 (Eq. 2, no recomputation, no sequence parallelism): ``s b h L (10 + 24/t + 5 a s / (h t))`` bytes on
   the first stage, which holds ``pp`` micro-batches in flight under 1F1B (the ``5as/ht`` term is dropped
   for ``transformer_impl`` ``transformer_engine``/``auto``: fused attention keeps no score matrix); fp32 activations take twice that;
+* the online curvature measurement's extra memory per GPU (:func:`lrscale_megatron.preflight.measurement_memory`:
+  fp32 vectors over the first stage's parameters, independent of ``max_iter`` for ``k=1``; exact products
+  add the first backward's graph, about two micro-batches' activations) for ``hvp`` ``fd`` and ``exact``,
+  and the peak of a step in which a measurement runs: weights + grads + optimizer + the measurement (its
+  own forward/backward fits in the activations the training step frees);
 * the peak LR predicted by the shipped law next to the config's baseline LR.
 """
 
@@ -47,6 +52,7 @@ class DryRunReport:
     zero_stage: int
     mixed_precision: str
     memory_gib: dict[str, float]
+    measurement_gib: dict[str, dict[str, float]]
     tokens: float
     batch_tokens: float
     baseline_lr: float | None
@@ -74,6 +80,7 @@ class DryRunReport:
             f"  memory/GPU      {mem['total']:.2f} GiB = weights {mem['weights']:.2f} + grads {mem['grads']:.2f} "
             f"+ optimizer {mem['optimizer']:.2f} + activations {mem['activations']:.2f} "
             f"(ZeRO {self.zero_stage}, {self.mixed_precision}, first pipeline stage)",
+            *self._measurement_lines(),
             f"  tokens          {self.tokens:.4g} total, {self.batch_tokens:.4g} per step",
             f"  baseline LR     {self.baseline_lr!r} ({self.baseline_lr_source or 'no source given'})",
         ]
@@ -85,13 +92,78 @@ class DryRunReport:
             lines += [f"    warning: {w}" for w in self.prediction_warnings]
         return "\n".join(lines)
 
+    def _measurement_lines(self) -> list[str]:
+        out = []
+        for mode, mm in self.measurement_gib.items():
+            graph = f" (vectors {mm['vectors']:.2f} + graph {mm['graph']:.2f})" if mode == "exact" else ""
+            out.append(
+                f"  online measure  hvp={mode}: +{mm['extra']:.2f} GiB/GPU{graph}, "
+                f"{mm['x_param_bytes']:.1f} x parameter bytes, any max_iter; peak of a measuring step "
+                f"{mm['peak']:.2f} GiB vs training step {self.memory_gib['total']:.2f} GiB"
+            )
+        return out
+
+
+def stage_params(cfg: TrainConfig) -> float:
+    """Parameters on one GPU of the first pipeline stage (its layers / tp + the embeddings / tp)."""
+    m, p = cfg.model, cfg.parallel
+    h, L, V, S = m.hidden_size, m.num_layers, m.vocab_size, m.seq_length
+    per_layer = (m.num_params() - (V + S) * h - 2 * h - (0 if m.tie_embeddings else V * h)) / L
+    return per_layer * L / p.pp / p.tp + V * h / p.tp + S * h
+
+
+def micro_batch_activations(
+    cfg: TrainConfig, *, tp: int | None = None, pp: int | None = None, micro_batch_size: int | None = None
+) -> float:
+    """Bytes of one micro-batch's activations on the first stage (Korthikanti et al. 2022, Eq. 2);
+    ``tp``, ``pp``, ``micro_batch_size`` override the config's."""
+    m, p, t = cfg.model, cfg.parallel, cfg.training
+    tp = p.tp if tp is None else tp
+    pp = p.pp if pp is None else pp
+    b = t.micro_batch_size if micro_batch_size is None else micro_batch_size
+    h, L, S, a = m.hidden_size, m.num_layers, m.seq_length, m.num_heads
+    attn = 5 * a * S / (h * tp) if m.transformer_impl == "local" else 0.0  # TE / auto on GPU: fused attention
+    mixed = bool(cfg.deepspeed.get("bf16", {}).get("enabled") or cfg.deepspeed.get("fp16", {}).get("enabled"))
+    return S * b * h * (L / pp) * (10 + 24 / tp + attn) * (1 if mixed else 2)
+
+
+def measurement_estimate(cfg: TrainConfig, dp: int) -> dict[str, dict[str, float]]:
+    """GiB per GPU of one online measurement (``fd`` and ``exact``) next to the training step's."""
+    from lrscale_megatron.preflight import measurement_memory
+
+    step = memory_estimate(cfg, dp)
+    ds = cfg.deepspeed
+    mixed = bool(ds.get("bf16", {}).get("enabled") or ds.get("fp16", {}).get("enabled"))
+    pbytes = 2 if mixed else (8 if cfg.training.dtype == "float64" else 4)
+    online = ((ds.get("scheduler") or {}).get("params") or {}).get("online") or {}
+    precondition = bool(online.get("precondition", True)) if isinstance(online, dict) else True
+    n = int(stage_params(cfg))
+    out = {}
+    for mode in ("fd", "exact"):
+        mm = measurement_memory(
+            n,
+            mode=mode,
+            param_bytes=pbytes,
+            precondition=precondition,
+            activation_bytes=int(micro_batch_activations(cfg)),
+        )
+        resident = step["weights"] + step["grads"] + step["optimizer"]
+        own_pass = micro_batch_activations(cfg) / GIB  # the held batch's forward/backward
+        out[mode] = {
+            "extra": mm.total_bytes / GIB,
+            "vectors": mm.vectors_bytes / GIB,
+            "graph": mm.graph_bytes / GIB,
+            "x_param_bytes": mm.total_bytes / (n * pbytes),
+            "peak": resident + own_pass + mm.total_bytes / GIB,
+        }
+    return out
+
 
 def memory_estimate(cfg: TrainConfig, dp: int) -> dict[str, float]:
     """GiB per GPU on the first pipeline stage (see the module docstring for the formulas)."""
     m, p, t = cfg.model, cfg.parallel, cfg.training
-    h, L, V, S, a = m.hidden_size, m.num_layers, m.vocab_size, m.seq_length, m.num_heads
-    per_layer = (m.num_params() - (V + S) * h - 2 * h - (0 if m.tie_embeddings else V * h)) / L
-    stage = per_layer * L / p.pp / p.tp + V * h / p.tp + S * h  # first stage: its layers + embeddings
+    h, L, S, a = m.hidden_size, m.num_layers, m.seq_length, m.num_heads
+    stage = stage_params(cfg)
     ds = cfg.deepspeed
     zero = int(ds.get("zero_optimization", {}).get("stage", 0))
     mixed = bool(ds.get("bf16", {}).get("enabled") or ds.get("fp16", {}).get("enabled"))
@@ -158,6 +230,7 @@ def dry_run(cfg: TrainConfig, build_check: bool | None = None, law: str = DEFAUL
         if ds.get("bf16", {}).get("enabled")
         else ("fp16" if ds.get("fp16", {}).get("enabled") else t.dtype),
         memory_gib=memory_estimate(cfg, dp),
+        measurement_gib=measurement_estimate(cfg, dp),
         tokens=tokens,
         batch_tokens=batch_tokens,
         baseline_lr=t.lr,

@@ -50,6 +50,13 @@ def test_dry_run_large_config(name):
     assert r.baseline_lr == PAPER_LR[name] and "Table 2.1" in (r.baseline_lr_source or "")
     assert r.predicted_lr is not None and r.predicted_lr > 0
     assert r.tokens == pytest.approx(300e9, rel=1e-3)
+    # the online measurement's extra memory per GPU, next to the training step's
+    fd, exact = r.measurement_gib["fd"], r.measurement_gib["exact"]
+    resident = r.memory_gib["weights"] + r.memory_gib["grads"] + r.memory_gib["optimizer"]
+    assert 0 < fd["extra"] < exact["extra"] and fd["graph"] == 0 < exact["graph"]
+    assert fd["peak"] > resident + fd["extra"]  # plus the held batch's own forward/backward
+    text = r.render()
+    assert "online measure  hvp=fd" in text and "hvp=exact" in text and "training step" in text
 
 
 def test_dry_run_cli_builds_small_model(tmp_path):
@@ -73,6 +80,7 @@ def test_dry_run_cli_builds_small_model(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     r = json.loads(out.read_text())
     assert r["built_params"] == r["params"] and 100_000 <= r["params"] <= 500_000
+    assert "online measure  hvp=fd" in proc.stdout and r["measurement_gib"]["fd"]["extra"] > 0
     assert "predicted LR" in proc.stdout and "tp(1) * pp(1) * dp(1) = world_size(1)" in proc.stdout
     small = load_config(GPT / "cpu-small.json")
     assert 4e6 <= small.model.num_params() <= 6e6

@@ -10,6 +10,7 @@ import pytest
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
 import lrscale_megatron.integrations.megatron as lrs_mg
+import lrscale_megatron.integrations.megatron_patch as lrs_patch
 from lrscale_megatron.adapter import OnlineConfig
 from lrscale_megatron.schedule import MEGATRON_DECAY_STYLE
 from lrscale_megatron.scheduler import LRScaleConfig
@@ -172,7 +173,7 @@ def test_patch_and_unpatch_fake_megatron_training(fake_megatron_training):
 
 
 def test_patch_refuses_untested_megatron_core(fake_megatron_training, monkeypatch):
-    monkeypatch.setattr(lrs_mg, "_mcore_version", lambda: (0, 99))
+    monkeypatch.setattr(lrs_patch, "_mcore_version", lambda: (0, 99))
     with pytest.raises(RuntimeError, match=r"megatron-core 0.99 is outside the tested range"):
         lrs_mg.patch_megatron_training()
     lrs_mg.patch_megatron_training(check_version=False)

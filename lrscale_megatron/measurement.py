@@ -1,0 +1,165 @@
+"""The bridge between the LRScale scheduler and the curvature core: what one online measurement is.
+
+* :func:`measure_lambda_max`: top eigenvalue of the (Adam-preconditioned) Hessian on the held batch, by
+  Lanczos (Paige 1976) on Hessian-vector products (Pearlmutter 1994 / finite differences); the
+  preconditioner ``P = sqrt(v̂) + eps`` comes from :func:`~lrscale_megatron.moments.second_moments`, which
+  reads torch Adam/AdamW, DeepSpeed ``BF16_Optimizer`` / ZeRO-1/2 flat partitions / ``FP16_Optimizer``
+  and megatron-core's distributed and float16 optimizers.
+* :func:`curvature_estimator`: the estimator the scheduler attaches; it runs :func:`preflight` first,
+  so a setting that cannot be measured is refused when the estimator is attached, not at the end of
+  warmup.
+* :func:`preflight` (in :mod:`lrscale_megatron.preflight`): refusals and the measurement's memory.
+
+The policy (:mod:`lrscale_megatron.adapter`) stays pure; it only sees :class:`Estimate`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from lrscale_megatron.adapter import Estimate, Estimator, OnlineConfig
+from lrscale_megatron.moments import MomentsUnavailable, second_moments
+from lrscale_megatron.preflight import MeasurementMemory, MeasurementRefused, measurement_memory, preflight
+
+__all__ = [
+    "MeasurementMemory",
+    "MeasurementRefused",
+    "MomentsUnavailable",
+    "curvature_estimator",
+    "measure_lambda_max",
+    "measurement_memory",
+    "preconditioned_operator",
+    "preflight",
+    "second_moments",
+]
+
+logger = logging.getLogger(__name__)
+
+
+def preconditioned_operator(op: Any, optimizer: Any) -> Any:
+    """``PreconditionedOperator(op, v̂, eps)`` with ``v̂`` read by :func:`second_moments` for ``op.params``.
+
+    Collective under sharded optimizers (every data-parallel rank calls it). Raises
+    :class:`MomentsUnavailable` with the reason when the optimizer has no usable second moment.
+    """
+    from lrscale_megatron.curvature import PreconditionedOperator
+
+    v_hat, eps = second_moments(optimizer, op.params)
+    return PreconditionedOperator(op, v_hat, eps=eps)
+
+
+def measure_lambda_max(
+    model: Any,
+    loss_fn: Callable[..., Any],
+    batch: Any,
+    *,
+    params: Sequence[Any] | None = None,
+    mode: str = "exact",
+    max_iter: int = 20,
+    tol: float = 1e-3,
+    seed: int = 0,
+    parallel: Any = None,
+    optimizer: Any = None,
+    grad_fn: Callable[[], Any] | None = None,
+) -> Estimate:
+    """Top Hessian eigenvalue of ``loss_fn(model, batch)`` by Lanczos; collective over the job's ranks.
+
+    ``params`` restricts the Hessian to a subset (one param group); ``parallel`` is the job's
+    :class:`~lrscale_megatron.parallel.ParallelContext` (``None``: :func:`resolve_context`). With
+    ``optimizer`` the Adam-preconditioned operator is measured; an optimizer without a usable second
+    moment (no step taken yet) gives ``converged=False`` with the reason, never a number. ``grad_fn``
+    (``mode="fd"`` only) computes gradients through the host's own step, e.g.
+    :func:`~lrscale_megatron.integrations.megatron_schedule.schedule_grad_fn`.
+    """
+    from lrscale_megatron.curvature import HessianOperator, lanczos
+    from lrscale_megatron.parallel import resolve_context
+
+    ctx = parallel if parallel is not None else resolve_context(model)
+    kwargs: dict[str, Any] = {} if grad_fn is None else {"grad_fn": grad_fn}
+    op: Any = HessianOperator(
+        model,
+        loss_fn,
+        batch,
+        mode=mode,
+        params=None if params is None else list(params),
+        parallel=ctx,
+        **kwargs,
+    )
+    if optimizer is not None:
+        try:
+            op = preconditioned_operator(op, optimizer)
+        except MomentsUnavailable as e:
+            return Estimate(lambda_max=math.nan, converged=False, reason=f"no Adam preconditioner: {e}")
+    res = lanczos(op, k=1, max_iter=max_iter, tol=tol, seed=seed)
+    lam = float(res.eigenvalues[0]) if len(res.eigenvalues) else math.nan
+    return Estimate(
+        lambda_max=lam,
+        converged=bool(res.converged),
+        reason=res.reason,
+        n_matvec=int(res.n_matvec),
+        residual=float(res.residuals[0]) if len(res.residuals) else math.nan,
+    )
+
+
+def curvature_estimator(
+    model: Any,
+    loss_fn: Callable[..., Any],
+    batch: Any,
+    online: OnlineConfig,
+    *,
+    sync: bool = True,
+    parallel: Any = None,
+    optimizer: Any = None,
+    engine: Any = None,
+    grad_fn: Callable[[], Any] | None = None,
+    check: bool = True,
+    reserve_bytes: int = 0,
+) -> Estimator:
+    """The estimator a scheduler attaches: :func:`measure_lambda_max` with the online settings.
+
+    Preconditioned by ``optimizer`` (or ``engine``'s optimizer) when ``online.precondition``. With
+    ``check`` (default) :func:`preflight` runs now and raises :class:`MeasurementRefused` for a
+    setting that cannot be measured or a measurement that will not fit (``reserve_bytes``: device
+    memory to keep for the training step's activations). With ``sync`` rank 0's estimate is broadcast
+    so every rank applies the same LR.
+    """
+    opt = optimizer if optimizer is not None else (getattr(engine, "optimizer", None) if engine else None)
+    if check:
+        mem = preflight(
+            model, opt, online, engine=engine, parallel=parallel, batch=batch, reserve_bytes=reserve_bytes
+        )
+        logger.info("lrscale: online measurement attached; %s", mem.render())
+
+    def estimator(params: Sequence[Any] | None) -> Estimate:
+        return measure_lambda_max(
+            model,
+            loss_fn,
+            batch,
+            params=params,
+            mode=online.hvp,
+            max_iter=online.max_iter,
+            tol=online.tol,
+            seed=online.seed,
+            parallel=parallel,
+            optimizer=opt if online.precondition else None,
+            grad_fn=grad_fn,
+        )
+
+    return _broadcast_from_rank0(estimator) if sync else estimator
+
+
+def _broadcast_from_rank0(estimator: Estimator) -> Estimator:
+    def synced(params: Sequence[Any] | None) -> Estimate:
+        import torch.distributed as dist
+
+        est = estimator(params)
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            box: list[Any] = [est]
+            dist.broadcast_object_list(box, src=0)
+            est = box[0]
+        return est
+
+    return synced
