@@ -54,9 +54,7 @@ __all__ = [
     "Rule",
     "adapt",
     "crossed",
-    "curvature_estimator",
     "gauge",
-    "measure_lambda_max",
     "skip_reason",
     "stability_lr",
 ]
@@ -286,94 +284,21 @@ def crossed(prev_step: int, new_step: int, cfg: OnlineConfig, warmup_steps: int)
     return any(prev_step < p <= new_step and p >= start for p in warmup_points(warmup_steps, cfg))
 
 
-def measure_lambda_max(
-    model: Any,
-    loss_fn: Callable[..., Any],
-    batch: Any,
-    *,
-    params: Sequence[Any] | None = None,
-    mode: str = "exact",
-    max_iter: int = 20,
-    tol: float = 1e-3,
-    seed: int = 0,
-    parallel: Any = None,
-    optimizer: Any = None,
-) -> Estimate:
-    """The measure hook: top Hessian eigenvalue of ``loss_fn`` on ``batch`` by Lanczos.
+def __getattr__(name: str) -> Any:
+    """``measure_lambda_max`` / ``curvature_estimator`` and the other measurement names live in
+    :mod:`lrscale_megatron.measurement` (which imports this module); re-exported here lazily."""
+    if name in _MEASUREMENT_NAMES:
+        from lrscale_megatron import measurement
 
-    ``params`` restricts the Hessian to a subset of parameters (one param group in per-group mode).
-    ``parallel`` is the job's :class:`~lrscale_megatron.parallel.ParallelContext`; ``None`` resolves it
-    with :func:`lrscale_megatron.parallel.resolve_context` (megatron ``parallel_state`` when initialised,
-    else plain data parallelism over the world, else one process). Every rank of the job must call this
-    together: the products are collective. The curvature core is imported here, lazily, so the policy
-    above never needs it. With ``optimizer`` the Adam-preconditioned operator is measured; an optimizer
-    without per-parameter second moments gives a not-converged estimate with the reason.
-    """
-    from lrscale_megatron.curvature import HessianOperator, lanczos
-    from lrscale_megatron.parallel import resolve_context
-
-    ctx = parallel if parallel is not None else resolve_context(model)
-    op: Any = HessianOperator(
-        model, loss_fn, batch, mode=mode, params=None if params is None else list(params), parallel=ctx
-    )
-    if optimizer is not None:
-        from lrscale_megatron.curvature import PreconditionedOperator
-
-        try:
-            op = PreconditionedOperator.from_optimizer(op, optimizer)
-        except ValueError as e:
-            return Estimate(lambda_max=math.nan, converged=False, reason=f"no Adam preconditioner: {e}")
-    res = lanczos(op, k=1, max_iter=max_iter, tol=tol, seed=seed)
-    lam = float(res.eigenvalues[0]) if len(res.eigenvalues) else math.nan
-    return Estimate(
-        lambda_max=lam,
-        converged=bool(res.converged),
-        reason=res.reason,
-        n_matvec=int(res.n_matvec),
-        residual=float(res.residuals[0]) if res.residuals else math.nan,
-    )
+        return getattr(measurement, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-def curvature_estimator(
-    model: Any,
-    loss_fn: Callable[..., Any],
-    batch: Any,
-    online: OnlineConfig,
-    *,
-    sync: bool = True,
-    parallel: Any = None,
-    optimizer: Any = None,
-) -> Estimator:
-    """The estimator a scheduler attaches: :func:`measure_lambda_max` with the online settings
-    (preconditioned by ``optimizer`` when ``online.precondition``), and with ``sync`` rank 0's estimate
-    broadcast so every rank applies the same LR."""
-
-    def estimator(params: Sequence[Any] | None) -> Estimate:
-        return measure_lambda_max(
-            model,
-            loss_fn,
-            batch,
-            params=params,
-            mode=online.hvp,
-            max_iter=online.max_iter,
-            tol=online.tol,
-            seed=online.seed,
-            parallel=parallel,
-            optimizer=optimizer if online.precondition else None,
-        )
-
-    return _broadcast_from_rank0(estimator) if sync else estimator
-
-
-def _broadcast_from_rank0(estimator: Estimator) -> Estimator:
-    def synced(params: Sequence[Any] | None) -> Estimate:
-        import torch.distributed as dist
-
-        est = estimator(params)
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            box: list[Any] = [est]
-            dist.broadcast_object_list(box, src=0)
-            est = box[0]
-        return est
-
-    return synced
+_MEASUREMENT_NAMES = (
+    "preflight",
+    "second_moments",
+    "preconditioned_operator",
+    "MeasurementRefused",
+    "MomentsUnavailable",
+    "measurement_memory",
+)

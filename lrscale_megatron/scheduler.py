@@ -28,7 +28,7 @@ import logging
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
-from lrscale_megatron.adapter import Estimate, curvature_estimator
+from lrscale_megatron.adapter import Estimate
 from lrscale_megatron.lrscale_core import STATE_FORMAT, LRScaleCore
 from lrscale_megatron.offline_peak import _law_api, resolve_offline_peak
 from lrscale_megatron.scheduler_config import LRScaleConfig, LRScaleConfigError, ModelSizes, OnlineConfig
@@ -142,15 +142,19 @@ class LRScaleScheduler:
         from megatron ``parallel_state`` or the DDP world); every rank must keep calling ``step()``:
         the measurement is collective.
         """
+        from lrscale_megatron.measurement import curvature_estimator
+
         online = self.config.online
+        # the DeepSpeed wrapper (ZeRO / bf16) is where v-hat lives; the inner torch optimizer otherwise
+        optimizer = getattr(self, "host_optimizer", None) or self.optimizer
         estimator = curvature_estimator(
-            model, loss_fn, batch, online, sync=sync, parallel=parallel, optimizer=self.optimizer
+            model, loss_fn, batch, online, sync=sync, parallel=parallel, optimizer=optimizer
         )
         warmup = None
         if online.warmup_checks and online.warmup_tol != online.tol and self.config.warmup_steps > 0:
             cheap = online.model_copy(update={"tol": online.warmup_tol})  # same settings, looser tolerance
             warmup = curvature_estimator(
-                model, loss_fn, batch, cheap, sync=sync, parallel=parallel, optimizer=self.optimizer
+                model, loss_fn, batch, cheap, sync=sync, parallel=parallel, optimizer=optimizer, check=False
             )
         self.attach_estimator(estimator, param_groups, warmup_estimator=warmup)
 

@@ -362,12 +362,13 @@ def test_warmup_measurements_use_the_cheaper_tolerance():
     assert h[0]["n_matvec"] < h[2]["n_matvec"]
 
 
-def test_preconditioning_without_adam_state_is_skipped_with_the_reason(caplog):
+def test_preconditioning_without_adam_state_is_refused_when_attached():
+    """SGD has no second moment: the preconditioned measurement is refused up front (issue 9), not
+    skipped at every measurement after warmup."""
+    from lrscale_megatron.measurement import MeasurementRefused
+
     a = _quadratic()
     model = Quadratic()
     sched = LRScaleScheduler(torch.optim.SGD(model.parameters(), lr=1.0), _online_cfg(rule="eos"))
-    sched.attach_curvature(model, quad_loss, a)
-    lrs = _train(sched, model, a, 12)
-    assert not any(h["accepted"] for h in sched.history)
-    assert "no Adam preconditioner" in caplog.text and "betas" in caplog.text
-    assert lrs[-1] == lrs[6]  # the LR did not move
+    with pytest.raises(MeasurementRefused, match="precondition"):
+        sched.attach_curvature(model, quad_loss, a)
