@@ -76,6 +76,23 @@ def add_lrscale_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
     g.add_argument("--lrscale-hvp", choices=("exact", "fd"), default=d.hvp)
     g.add_argument("--lrscale-max-iter", type=int, default=d.max_iter)
     g.add_argument("--lrscale-tol", type=float, default=d.tol)
+    g.add_argument(
+        "--lrscale-warmup-checks", type=int, default=d.warmup_checks, help="measurements in warmup"
+    )
+    g.add_argument("--lrscale-warmup-tol", type=float, default=d.warmup_tol, help="Lanczos tol in warmup")
+    g.add_argument("--lrscale-cut-above", type=float, default=d.cut_above, help="gauge above which to cut")
+    g.add_argument(
+        "--lrscale-raise-below", type=float, default=d.raise_below, help="gauge below which to raise"
+    )
+    g.add_argument(
+        "--lrscale-no-confirm-cuts",
+        dest="lrscale_confirm_cuts",
+        action="store_false",
+        help="cut on a lone sample above --lrscale-cut-above without re-measuring first",
+    )
+    g.add_argument("--lrscale-max-cut", type=float, default=d.max_cut, help="largest cut per measurement")
+    g.add_argument("--lrscale-kappa", type=float, default=d.kappa, help="curvature predictor kappa / lambda")
+    g.add_argument("--lrscale-curvature-peak", choices=("max", "curv"), default=d.curvature_peak)
     return parser
 
 
@@ -123,6 +140,14 @@ def config_from_megatron_args(
         hvp=args.lrscale_hvp,
         max_iter=args.lrscale_max_iter,
         tol=args.lrscale_tol,
+        warmup_checks=args.lrscale_warmup_checks,
+        warmup_tol=args.lrscale_warmup_tol,
+        cut_above=args.lrscale_cut_above,
+        raise_below=args.lrscale_raise_below,
+        confirm_cuts=args.lrscale_confirm_cuts,
+        max_cut=args.lrscale_max_cut,
+        kappa=args.lrscale_kappa,
+        curvature_peak=args.lrscale_curvature_peak,
     )
     return LRScaleConfig(
         total_steps=int(lr_decay_steps),

@@ -71,13 +71,16 @@ class LRScaleParamScheduler(OptimizerParamScheduler):
     def get_lr(self, param_group: dict) -> float:
         """LR of ``param_group`` at ``self.num_steps`` (samples under Megatron-LM)."""
         c = self.lrscale_config
-        peak = self.lrscale.peak(self._group_index(param_group))
-        min_lr = cast(float, param_group.get("min_lr", self.min_lr))
+        group = self._group_index(param_group)
+        peak = self.lrscale.peak(group)
+        # an adaptation scales the whole schedule (as the DeepSpeed / PyTorch binding does)
+        scale = self.lrscale.schedule_scale(group)
+        min_lr = cast(float, param_group.get("min_lr", self.min_lr)) * scale
         return lr_at(
             self.num_steps,
             peak_lr=peak,
             min_lr=min_lr,
-            init_lr=self.init_lr,
+            init_lr=self.init_lr * scale,
             warmup_steps=self.lr_warmup_steps,
             total_steps=self.lr_decay_steps,
             decay_style=c.decay_style,
@@ -117,24 +120,25 @@ class LRScaleParamScheduler(OptimizerParamScheduler):
     ) -> None:
         """Same as :meth:`LRScaleScheduler.attach_curvature`; ``param_groups`` is required for per-group
         mode (a ``MegatronOptimizer`` holds main-parameter copies, not the model's parameters)."""
-        estimator = curvature_estimator(
-            model,
-            loss_fn,
-            batch,
-            self.lrscale_config.online,
-            sync=sync,
-            parallel=parallel,
-            optimizer=self.optimizer,
-        )
-        self.attach_estimator(estimator, param_groups)
+        online = self.lrscale_config.online
+        kw: dict[str, Any] = {"sync": sync, "parallel": parallel, "optimizer": self.optimizer}
+        estimator = curvature_estimator(model, loss_fn, batch, online, **kw)
+        warmup = None
+        if online.warmup_checks and online.warmup_tol != online.tol and self.lrscale_config.warmup_steps > 0:
+            cheap = online.model_copy(update={"tol": online.warmup_tol})  # same settings, looser tolerance
+            warmup = curvature_estimator(model, loss_fn, batch, cheap, check=False, **kw)
+        self.attach_estimator(estimator, param_groups, warmup_estimator=warmup)
 
     def attach_estimator(
         self,
         estimator: Callable[[Sequence[Any] | None], Estimate | float],
         param_groups: Sequence[Sequence[Any]] | None = None,
+        *,
+        warmup_estimator: Callable[[Sequence[Any] | None], Estimate | float] | None = None,
     ) -> None:
-        """Inject a curvature estimator ``estimator(params_or_None) -> Estimate | lambda_max``."""
-        self.lrscale.set_estimator(estimator, param_groups)
+        """Inject a curvature estimator ``estimator(params_or_None) -> Estimate | lambda_max``
+        (``warmup_estimator``: an optional cheaper one for the measurements during warmup)."""
+        self.lrscale.set_estimator(estimator, param_groups, warmup_estimator=warmup_estimator)
 
     def _group_index(self, param_group: dict) -> int:
         for i, g in enumerate(self.optimizer.param_groups):
