@@ -108,6 +108,22 @@ def test_add_lrscale_args_extends_megatron_parser():
         args, max_lr=1e-3, min_lr=1e-5, init_lr=0.0, lr_warmup_steps=80, lr_decay_steps=800
     )
     assert cfg.online.adapt_every == 40 and cfg.online.band == (0.5, 2.0) and cfg.peak_lr == 1e-3
+    assert cfg.online.confirm_cuts and cfg.online.kappa is None  # the gauge policy's defaults
+
+
+def test_gauge_policy_flags_reach_the_online_config():
+    p = lrs_mg.add_lrscale_args(argparse.ArgumentParser())
+    args = p.parse_args(
+        "--lrscale-online --lrscale-cut-above 3 --lrscale-raise-below 0.2 --lrscale-no-confirm-cuts "
+        "--lrscale-max-cut 4 --lrscale-warmup-checks 3 --lrscale-warmup-tol 0.05 --lrscale-kappa 5.1 "
+        "--lrscale-curvature-peak curv".split()
+    )
+    args.global_batch_size = 4
+    o = lrs_mg.config_from_megatron_args(
+        args, max_lr=1e-3, min_lr=0.0, init_lr=0.0, lr_warmup_steps=40, lr_decay_steps=400
+    ).online
+    assert (o.cut_above, o.raise_below, o.confirm_cuts, o.max_cut) == (3.0, 0.2, False, 4.0)
+    assert (o.warmup_checks, o.warmup_tol, o.kappa, o.curvature_peak) == (3, 0.05, 5.1, "curv")
 
 
 def test_patch_needs_megatron_training(monkeypatch):
