@@ -13,11 +13,8 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
-import os
-import socket
 import sqlite3
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -26,7 +23,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from lrscale_megatron.sweep.identity import owner_alive, run_id, this_owner
+
 logger = logging.getLogger(__name__)
+
+__all__ = ["DIVERGED_PREFIX", "STATES", "Run", "SweepStore", "owner_alive", "run_id", "this_owner"]
 
 STATES = ("pending", "running", "finished", "failed")
 
@@ -66,34 +67,6 @@ CREATE TABLE IF NOT EXISTS val_losses (
     PRIMARY KEY (run_id, step)
 );
 """
-
-
-def run_id(config: dict[str, Any]) -> str:
-    """Deterministic id of a run: sha256 of the canonical JSON of its full config (16 hex chars)."""
-    canon = json.dumps(config, sort_keys=True, separators=(",", ":"), allow_nan=False)
-    return hashlib.sha256(canon.encode()).hexdigest()[:16]
-
-
-def this_owner() -> str:
-    """Owner tag of the calling process: ``host:pid``."""
-    return f"{socket.gethostname()}:{os.getpid()}"
-
-
-def owner_alive(owner: str) -> bool:
-    """True unless ``owner`` is a process of this host that no longer exists.
-
-    Owners on other hosts cannot be checked and count as alive.
-    """
-    host, _, pid = owner.rpartition(":")
-    if host != socket.gethostname() or not pid.isdigit():
-        return True
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 @dataclass(frozen=True)

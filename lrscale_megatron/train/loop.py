@@ -26,7 +26,6 @@ import math
 import random
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -36,87 +35,18 @@ from lrscale_megatron.parallel import ParallelContext
 from lrscale_megatron.train import checkpoint as ckpt
 from lrscale_megatron.train.config import TrainConfig
 from lrscale_megatron.train.metrics import MetricsWriter, mfu
+from lrscale_megatron.train.online import attach_online
+from lrscale_megatron.train.results import StepRecord, TrainResult
 from lrscale_megatron.train.setup import (
     build_data,
     build_model,
     deepspeed_config,
     initialize_engine,
     micro_batches,
+    to_device,
 )
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class StepRecord:
-    """One optimizer iteration.
-
-    Attributes:
-        step: iterations completed (1 after the first).
-        tokens: training tokens consumed so far (``step * global_batch_size * seq_length``).
-        wall_s: wall-clock seconds of training so far (evaluation and checkpointing excluded; carried
-            over a resume).
-        train_loss: mean next-token loss of this iteration's global batch (nats/token).
-        lr: LR of the first param group used by this iteration's update.
-        val_loss: validation loss after this iteration, on ``eval_every`` steps; else ``None``.
-        lambda_max: top Hessian eigenvalue when LRScale's online mode measured at this step; else ``None``.
-    """
-
-    step: int
-    tokens: int
-    wall_s: float
-    train_loss: float
-    lr: float
-    val_loss: float | None = None
-    lambda_max: float | None = None
-
-
-@dataclass(frozen=True)
-class TrainResult:
-    """What :func:`train` returns (identical on every rank).
-
-    Attributes:
-        history: one :class:`StepRecord` per iteration, from step 1 (a resumed run includes the steps
-            before the checkpoint, from the checkpoint).
-        final_val_loss: validation loss at the end (``training.eval_batches`` global batches).
-        shift_loss: the same on the distribution-shift corpus, ``None`` without one.
-        steps, tokens, wall_s: totals at the end.
-        tokens_per_s: training tokens per second over the iterations this call ran.
-        mfu: model FLOPs utilisation (:mod:`.metrics`), ``None`` without ``peak_flops_per_device``.
-        energy_j: GPU energy of this call's iterations over all ranks (NVML), ``None`` when unavailable.
-        num_params: parameters of the whole model.
-        layout: ``{"tp", "pp", "dp", "world_size"}``.
-        scheduler: the DeepSpeed scheduler type (``"LRScale"``, ``"WarmupCosineLR"``, ...) or ``None``.
-        adaptations: LRScale online decisions (``scheduler.history``), empty otherwise.
-        checkpoint: the last checkpoint written, ``None`` if none.
-        config: the validated config as a dict (``deepspeed`` as given, before ``"auto"`` filling).
-    """
-
-    history: tuple[StepRecord, ...]
-    final_val_loss: float
-    shift_loss: float | None
-    steps: int
-    tokens: int
-    wall_s: float
-    tokens_per_s: float
-    mfu: float | None
-    energy_j: float | None
-    num_params: int
-    layout: dict[str, int]
-    scheduler: str | None
-    adaptations: tuple[dict[str, Any], ...] = ()
-    checkpoint: str | None = None
-    config: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def losses(self) -> list[float]:
-        return [r.train_loss for r in self.history]
-
-    def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d["history"] = [dataclasses.asdict(r) for r in self.history]
-        d["adaptations"] = list(self.adaptations)
-        return d
 
 
 # ------------------------------------------------------------------------------------------ setup
@@ -153,12 +83,6 @@ def _cpu_mode() -> contextlib.AbstractContextManager:
     return CudaToCpuMode()
 
 
-def _to_device(mb: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    if not torch.cuda.is_available():
-        return mb
-    return {k: v.cuda(non_blocking=True) for k, v in mb.items()}
-
-
 def run_schedule(
     module: torch.nn.Module, micro: Sequence[dict[str, torch.Tensor]], seq_length: int, forward_only: bool
 ) -> list[float]:
@@ -179,7 +103,7 @@ def run_schedule(
     with _cpu_mode(), grad:
         out = fb(
             forward_step_func=forward_step,
-            data_iterator=iter([_to_device(m) for m in micro]),
+            data_iterator=iter([to_device(m) for m in micro]),
             model=[module],
             num_microbatches=len(micro),
             seq_length=seq_length,
@@ -195,7 +119,7 @@ def _engine_step(engine: Any, micro: Sequence[dict[str, torch.Tensor]]) -> list[
 
     losses = []
     for mb in micro:
-        loss = gpt_loss_fn(engine, _to_device(mb))
+        loss = gpt_loss_fn(engine, to_device(mb))
         engine.backward(loss)
         engine.step()
         losses.append(float(loss.detach()))
@@ -258,50 +182,6 @@ def evaluate(module: torch.nn.Module, dataset: Any, cfg: TrainConfig, ctx: Paral
     return ctx.reduce_loss(local)
 
 
-# ------------------------------------------------------------------------------------------ online
-def _attach_online(engine: Any, cfg: TrainConfig, ctx: ParallelContext, data: Any) -> bool:
-    """Give LRScale's online mode a model-parallel-aware curvature estimator on a held batch.
-
-    Attached through :func:`lrscale_megatron.measurement.curvature_estimator` with the DeepSpeed
-    engine, so Adam's second moment is read from whatever the engine's optimizer is (torch AdamW, ZeRO-1/2
-    flat partitions, ``BF16_Optimizer``, bf16 without ZeRO) and :func:`~lrscale_megatron.measurement.preflight`
-    refuses, now rather than at the end of warmup, what cannot be measured (ZeRO-3, a measurement that
-    does not fit next to the training step's activations, ...).
-    """
-    sched = engine.lr_scheduler
-    config = getattr(sched, "config", None)
-    if config is None or not hasattr(sched, "attach_estimator") or not config.online.enabled:
-        return False
-    from lrscale_megatron.data import get_batch
-    from lrscale_megatron.measurement import curvature_estimator
-    from lrscale_megatron.models.gpt import gpt_loss_fn
-    from lrscale_megatron.train.dryrun import GIB, memory_estimate
-    from lrscale_megatron.train.setup import param_groups
-
-    held = micro_batches(
-        get_batch(data.valid, 0, cfg.training.micro_batch_size), cfg.training.micro_batch_size
-    )
-    held = [_to_device(m) for m in held]
-    activations = int(memory_estimate(cfg, ctx.dp_size)["activations"] * GIB)
-    # every rank measures together (the products are collective), so no rank-0 broadcast is needed
-    estimator = curvature_estimator(
-        engine.module,
-        gpt_loss_fn,
-        held,
-        config.online,
-        sync=False,
-        parallel=ctx,
-        optimizer=engine.optimizer,
-        engine=engine,
-        reserve_bytes=activations,
-    )
-    # per-group mode: the model parameters of each optimizer group (under ZeRO the optimizer's own
-    # groups hold flat partitions, not parameters)
-    groups = [g["params"] for g in param_groups(engine.module) if g["params"]]
-    sched.attach_estimator(estimator, groups if config.online.per_group else None)
-    return True
-
-
 # ------------------------------------------------------------------------------------------ train
 def train(cfg: TrainConfig) -> TrainResult:
     """Run (or resume) the pretraining job described by ``cfg``; see the module docstring."""
@@ -334,7 +214,7 @@ def train(cfg: TrainConfig) -> TrainResult:
         history = [StepRecord(**r) for r in client["history"]]
         if start > t.steps:
             raise ValueError(f"checkpoint.load is at step {start}, beyond training.steps={t.steps}")
-    online = _attach_online(engine, cfg, ctx, data)
+    online = attach_online(engine, cfg, ctx, data)
     writer = MetricsWriter(t.output_dir, enabled=rank0, resume=bool(cfg.checkpoint.load))
     logger.info(
         "train %s: %d params, %s, scheduler=%s, %s path, steps %d..%d",

@@ -165,6 +165,13 @@ def build_data(cfg: TrainConfig, ctx: ParallelContext) -> Data:
     return Data(train=sets.train, valid=sets.valid, shift=sets.shift, vocab_size=tok.vocab_size)
 
 
+def to_device(mb: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A micro-batch on the current CUDA device (unchanged on CPU)."""
+    if not torch.cuda.is_available():
+        return mb
+    return {k: v.cuda(non_blocking=True) for k, v in mb.items()}
+
+
 def micro_batches(batch: Any, micro_batch_size: int) -> list[dict[str, torch.Tensor]]:
     """Split one rank's :class:`~lrscale_megatron.data.Batch` into ``gpt_loss_fn`` dicts."""
     d = {f.name: getattr(batch, f.name) for f in dataclasses.fields(batch)}
