@@ -55,8 +55,8 @@ class OnlineConfig:
         max_change: largest factor by which one adaptation may move the peak (> 1).
         per_group: measure each optimizer param group separately and give each its own peak.
         hvp: Hessian-vector product mode for the curvature core: ``"fd"`` (default: forward finite
-            differences with a cached base gradient, one gradient per product, 0.1 % from exact on a
-            trained float32 GPT) or ``"exact"`` (double backward, ~3.3 gradients per product on CPU).
+            differences with a cached base gradient, one gradient per product, 0.12 % from exact on a
+            trained float32 GPT, tests/unit/test_curvature_settings.py) or ``"exact"`` (double backward, ~3.3 gradients per product on CPU).
         precondition: measure the Adam-preconditioned Hessian ``P^-1/2 H P^-1/2`` (``P = sqrt(v̂) + eps``
             from the optimizer's bias-corrected second moment), the quantity the ``eos`` bound is
             stated for (Cohen et al. 2022). ``False`` measures the raw Hessian (pair it with

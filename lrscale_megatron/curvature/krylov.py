@@ -10,9 +10,9 @@ masks that change between products, a double backward that drops a path, a finit
 by round-off) can make the estimate tiny while the Ritz value is wrong. The check spends one fresh
 product per wanted Ritz vector ``y`` and one more for symmetry:
 
-* ``||A y - theta y|| / ||y|| <= tol * max(|theta_1|, tiny)`` (plus a rounding floor), with ``A y`` a new
-  product, not the recurrence's bookkeeping;
-* ``|z^T A y - y^T A z| <= tol * |theta_1| ||y|| ||z||`` for a random unit ``z``: a non-symmetric
+* ``||A y - theta y|| / ||y|| <= 10 tol * max(|theta_1|, tiny)`` (plus a rounding floor; the factor is
+  :data:`TRUE_RESIDUAL_SLACK`), with ``A y`` a new product, not the recurrence's bookkeeping;
+* ``|z^T A y - y^T A z| <= 10 tol * |theta_1| ||y|| ||z||`` for a random unit ``z``: a non-symmetric
   operator fails it even where the recurrence found a genuine (right) eigenvector of it.
 """
 
@@ -34,6 +34,13 @@ TINY = 1e-30
 #: invariant to working precision (a "lucky breakdown"). 100 eps leaves room for the rounding of a
 #: reorthogonalised vector (about sqrt(m) eps ||A||) without taking a genuinely small beta for zero.
 BREAKDOWN_EPS_FACTOR = 100.0
+#: A converged Ritz pair must have a true residual within this factor of the tolerance. The products of
+#: a finite-difference operator are not exactly linear in ``v`` (an O(h) bias), which makes the true
+#: residual of a Ritz vector up to a few times the recurrence's estimate at ``tol ~ 1e-3`` (measured 1.9x
+#: on a bf16 MLP and a trained GPT); a noisy or non-symmetric operator misses by orders of magnitude.
+#: Since ``|lambda - theta| <= ||A y - theta y||`` for a symmetric ``A``, a passing pair's eigenvalue is
+#: within ``TRUE_RESIDUAL_SLACK * tol`` relative (and typically within ``residual**2 / gap``).
+TRUE_RESIDUAL_SLACK = 10.0
 #: seed offset of the random probe ``z`` of the symmetry check (kept away from start/restart seeds)
 SYMMETRY_SEED_OFFSET = 7919
 
@@ -167,7 +174,7 @@ def check_ritz_pairs(
     be = op.backend
     scale = max(abs(thetas[0]), TINY)
     floor = breakdown_threshold(be, max(anorm, scale))
-    bound = max(tol * scale, floor)
+    bound = max(TRUE_RESIDUAL_SLACK * tol * scale, floor)
     residuals: list[float] = []
     n_matvec = 0
     for i, (theta, y) in enumerate(zip(thetas, vectors)):
@@ -190,7 +197,7 @@ def check_ritz_pairs(
             return (
                 residuals,
                 f"true residual ||A y - theta y||/||y|| = {res:.3g} of Ritz pair {i} exceeds "
-                f"tol*|theta_1| = {bound:.3g} although the Lanczos estimate had converged: the operator is "
+                f"{TRUE_RESIDUAL_SLACK:g}*tol*|theta_1| = {bound:.3g} although the Lanczos estimate had converged: the operator is "
                 "not symmetric or its products are not deterministic (dropout or other randomness in "
                 "the loss, a fused kernel autograd cannot differentiate twice, a finite-difference step "
                 "lost to round-off)",
@@ -206,7 +213,7 @@ def check_ritz_pairs(
     if not (asym <= bound):
         return (
             residuals,
-            f"symmetry check failed: |z^T A y - y^T A z| / ||y|| = {asym:.3g} > tol*|theta_1| = {bound:.3g} "
+            f"symmetry check failed: |z^T A y - y^T A z| / ||y|| = {asym:.3g} > {TRUE_RESIDUAL_SLACK:g}*tol*|theta_1| = {bound:.3g} "
             "for a random unit z: the operator is not symmetric (or its products are not deterministic), "
             "so its Ritz values are not Hessian eigenvalues",
             n_matvec,

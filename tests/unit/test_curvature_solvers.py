@@ -105,7 +105,7 @@ class DiagOperator:
 
 
 def _peak(max_iter: int, basis: str) -> tuple[int, int]:
-    d = torch.linspace(0.0, 1.0, 1_000_000)
+    d = torch.linspace(0.0, 1.0, 200_000)
     d[-1] = 1.5  # well separated: converges fast, so use tol=0 to run every iteration
     op = DiagOperator(d)
     with LiveTensorBytes() as mem:
@@ -119,7 +119,7 @@ def test_k1_extra_memory_is_independent_of_max_iter():
     p40, _ = _peak(40, "recompute")
     assert p40 <= p10 * 1.02 + 4096, (p10, p40)
     # q, q_prev, the product and the Ritz vector, plus chunk-sized float64 temporaries of inner products
-    assert p40 <= 4 * vec + 2 * 8 * DOT_CHUNK, p40 / vec
+    assert p40 <= 4 * vec + 2 * 8 * DOT_CHUNK + 4096, p40 / vec
     k10, _ = _peak(10, "keep")
     k20, _ = _peak(20, "keep")
     assert k20 > k10 + 8 * vec  # the kept basis grows with max_iter: the test can tell them apart
