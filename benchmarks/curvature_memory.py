@@ -42,7 +42,9 @@ def build(quick: bool, dtype: torch.dtype):
     model = TorchGPT(cfg)
     model.init_weights(0)
     model = model.to(dtype)
-    tok = torch.randint(0, cfg.vocab_size, (4, cfg.seq_length + 1), generator=torch.Generator().manual_seed(0))
+    tok = torch.randint(
+        0, cfg.vocab_size, (4, cfg.seq_length + 1), generator=torch.Generator().manual_seed(0)
+    )
     return model, {"tokens": tok[:, :-1], "labels": tok[:, 1:]}
 
 

@@ -288,7 +288,9 @@ class ParallelContext:
         )
 
     # ------------------------------------------------------------------ autodiff
-    def autodiff_patch(self, model: torch.nn.Module) -> Callable[[], contextlib.AbstractContextManager] | None:
+    def autodiff_patch(
+        self, model: torch.nn.Module
+    ) -> Callable[[], contextlib.AbstractContextManager] | None:
         """The context manager factory that makes ``model`` twice differentiable, or ``None`` when it
         needs none. Megatron-core tensor-parallel layers need one (their autograd Functions communicate
         outside autograd): :attr:`double_backward_patch` when set, else the megatron-core patch."""

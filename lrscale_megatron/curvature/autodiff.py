@@ -11,8 +11,10 @@ only a generic error during the second backward.
 backward (run with ``create_graph=True``). A node that had differentiable inputs but returns gradients
 that do not require grad is an untracked backward: the hook records it and the context raises a
 ``ValueError`` naming the Function and pointing to ``mode="fd"`` (finite differences need first
-derivatives only). It is conservative: a custom Function applied to the loss whose backward really does
-not depend on the parameters is refused too.
+derivatives only). A Function that saved no tensors and received a constant gradient (a linear map
+next to the loss, such as megatron's TP Copy/Reduce) may legitimately return a constant and is not
+flagged; one that saved tensors is (conservative: a custom Function saving only constants is refused
+too). Not caught: an untracked path that leaves a tracked gradient behind it (partial drops).
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ REFUSAL = (
 def _custom_nodes(roots: list[torch.Tensor]) -> list[torch.autograd.graph.Node]:
     seen: set[torch.autograd.graph.Node] = set()
     stack = [t.grad_fn for t in roots if t.grad_fn is not None]
-    out = []
+    out: list[torch.autograd.graph.Node] = []
     while stack:
         n = stack.pop()
         if n is None or n in seen:
@@ -56,10 +58,19 @@ def refuse_untracked_backward(roots: list[torch.Tensor]) -> Iterator[None]:
     for node in _custom_nodes(roots):
         if not any(nx is not None for nx, _ in node.next_functions):
             continue  # no differentiable input: nothing to track
+        try:
+            saves = len(node.saved_tensors) > 0  # type: ignore[attr-defined]
+        except RuntimeError:
+            saves = True
 
-        def hook(grad_inputs, grad_outputs, name=type(node).__name__):
+        name = type(node).__name__
+
+        def hook(grad_inputs, grad_outputs, name=name, saves=saves):
             got = [g for g in grad_inputs if g is not None]
-            untracked = got and not any(g.requires_grad for g in got)
+            # a linear Function (megatron's TP Copy/Reduce: saves nothing) fed a constant gradient
+            # legitimately returns a constant; one that saved tensors or got a tracked gradient must not
+            tracked_in = any(g is not None and g.requires_grad for g in grad_outputs)
+            untracked = got and not any(g.requires_grad for g in got) and (saves or tracked_in)
             # once_differentiable wraps its outputs in a DelayedError node ("Error"), which does not always
             # raise (measured: torch 2.13 returned a product of 1e-17 through it instead of an error)
             delayed = any(type(g.grad_fn).__name__ in ("Error", "DelayedError") for g in got)

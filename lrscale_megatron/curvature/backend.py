@@ -196,7 +196,9 @@ class VectorBackend:
     def dim(self) -> int:
         """Dimension of the global parameter vector (owned entries summed over model-parallel ranks)."""
         n = torch.tensor(
-            float(sum(math.prod(s.shape) for s in self.specs if s.owned)), dtype=torch.float64, device=self.device
+            float(sum(math.prod(s.shape) for s in self.specs if s.owned)),
+            dtype=torch.float64,
+            device=self.device,
         )
         if self._all_reduce is not None:
             self._all_reduce(n)

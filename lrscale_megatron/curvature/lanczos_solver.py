@@ -158,7 +158,7 @@ def lanczos(
     be = op.backend
     if which not in _WHICH:
         raise ValueError(f"which={which!r} is not supported; use one of {_WHICH}")
-    basis, reorth = _resolve_basis(basis, reorth, k)
+    kept, reorth_mode = _resolve_basis(basis, reorth, k)
     if not (tol >= 0.0):
         raise ValueError(f"tol={tol} must be >= 0 (relative residual tolerance, e.g. 1e-3)")
     n = be.dim
@@ -175,7 +175,7 @@ def lanczos(
         logger.warning("lanczos: %s; nothing computed", failure)
         return EigenResult(kr.pad([], k), kr.pad([], k), False, 0, reason=failure)
 
-    keep = basis == "keep"
+    keep = kept == "keep"
     stored: list[Vector] = [q] if keep else []
     alphas: list[float] = []
     offdiag: list[float] = []
@@ -192,7 +192,9 @@ def lanczos(
     best_s: np.ndarray | None = None
 
     for it in range(1, max_iter + 1):
-        w, alpha, beta, fail = kr.lanczos_step(op, q, q_prev, beta_prev, stored if reorth == "full" else None)
+        w, alpha, beta, fail = kr.lanczos_step(
+            op, q, q_prev, beta_prev, stored if reorth_mode == "full" else None
+        )
         n_matvec += 1
         if w is None:
             reason = f"{fail} at iteration {it}"
@@ -216,7 +218,11 @@ def lanczos(
         anorm = max(anorm, float(np.max(np.abs(theta))), math.hypot(alpha, beta), beta_prev)
         scale = max(abs(best_vals[0]), kr.TINY)
         logger.debug(
-            "lanczos it=%d theta_1=%.8g max_res/scale=%.3g beta=%.3g", it, best_vals[0], max(best_res) / scale, beta
+            "lanczos it=%d theta_1=%.8g max_res/scale=%.3g beta=%.3g",
+            it,
+            best_vals[0],
+            max(best_res) / scale,
+            beta,
         )
         invariant = beta <= kr.breakdown_threshold(be, anorm) or m == n
         if m >= k and (invariant or all(r <= tol * scale for r in best_res)):
@@ -228,7 +234,9 @@ def lanczos(
             break
         if invariant:  # fewer than k Ritz values: restart orthogonally to everything seen so far
             if reorth != "full":
-                reason = f"breakdown at iteration {it} with {m} < k={k} Ritz values (reorth='none' cannot restart)"
+                reason = (
+                    f"breakdown at iteration {it} with {m} < k={k} Ritz values (reorth='none' cannot restart)"
+                )
                 break
             n_restart += 1
             r = be.randn(seed + n_restart)

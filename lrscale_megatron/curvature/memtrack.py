@@ -16,6 +16,7 @@ views share their storage and are not counted again.
 
 from __future__ import annotations
 
+import contextlib
 import weakref
 from typing import Any
 
@@ -41,10 +42,8 @@ class LiveTensorBytes(TorchDispatchMode):
         # storages alive before the block are not ours: remember their addresses
         for obj in gc.get_objects():
             if isinstance(obj, torch.Tensor):
-                try:
+                with contextlib.suppress(RuntimeError, NotImplementedError):
                     self._preexisting.add(obj.untyped_storage().data_ptr())
-                except (RuntimeError, NotImplementedError):
-                    pass
         super().__enter__()
         return self
 

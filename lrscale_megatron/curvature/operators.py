@@ -173,7 +173,9 @@ class HessianOperator:
         self._base: tuple[float, list[torch.Tensor]] | None = None
         self._base_version: int | None = None
         self._theta_norm: tuple[int, float] | None = None
-        self._graph: tuple[int, list[tuple[float, list[torch.Tensor | None]]], list[torch.Tensor]] | None = None
+        self._graph: tuple[int, list[tuple[float, list[torch.Tensor | None]]], list[torch.Tensor]] | None = (
+            None
+        )
         self.last_loss: float | None = None
 
     # ------------------------------------------------------------------ parameter selection
@@ -241,7 +243,9 @@ class HessianOperator:
             else:
                 megatron_set_input(self.model, inp)
         if self.upcast:  # float32 evaluation: bf16/fp16 floating inputs follow the parameters
-            batch = tree_map(lambda t: t.float() if isinstance(t, torch.Tensor) and t.dtype in LOW_PRECISION else t, batch)
+            batch = tree_map(
+                lambda t: t.float() if isinstance(t, torch.Tensor) and t.dtype in LOW_PRECISION else t, batch
+            )
         out = self.loss_fn(self.model, batch)
         if self.parallel.is_last_stage and out.dim() != 0:
             raise ValueError(

@@ -184,5 +184,3 @@ def deflated_power_iteration(
         eigenvectors=[vecs[j] for j in order],
         history=tuple(history),
     )
-
-

@@ -20,11 +20,16 @@ if TYPE_CHECKING:
     from lrscale_megatron.curvature.operators import HessianOperator
 
 
-def _first_grads(op: HessianOperator, out: torch.Tensor, wrt: list[torch.Tensor]) -> list[torch.Tensor | None]:
+def _first_grads(
+    op: HessianOperator, out: torch.Tensor, wrt: list[torch.Tensor]
+) -> list[torch.Tensor | None]:
     with refuse_untracked_backward([out]):
         return list(torch.autograd.grad(out, wrt, create_graph=True, allow_unused=True))
 
-def _second(op: HessianOperator, g: Sequence[torch.Tensor | None], wrt, vp: Sequence[torch.Tensor], retain: bool):
+
+def _second(
+    op: HessianOperator, g: Sequence[torch.Tensor | None], wrt, vp: Sequence[torch.Tensor], retain: bool
+):
     # a first gradient that does not require grad is constant in θ (the untracked-backward guard
     # has ruled out a dropped path), so its block of H v is zero
     pairs = [(gi, vi) for gi, vi in zip(g, vp) if gi is not None and gi.requires_grad]
@@ -32,13 +37,14 @@ def _second(op: HessianOperator, g: Sequence[torch.Tensor | None], wrt, vp: Sequ
         return [None] * len(wrt)
     return second_backward([gi for gi, _ in pairs], wrt, [vi for _, vi in pairs], retain_graph=retain)
 
+
 def hvp_exact(op: HessianOperator, v: Vector) -> Vector:
     n = len(op.microbatches)
     if op.reuse_graph:
         graph = _exact_graph(op)
         acc = None
         with op._evaluation(None):
-            for loss, g in graph[1]:
+            for _loss, g in graph[1]:
                 vp = [vi.to(w.dtype) for vi, w in zip(v, graph[2])]
                 acc = op._accumulate(acc, _second(op, g, graph[2], vp, retain=True), n)
         op.last_loss = sum(loss for loss, _ in graph[1]) / n
@@ -66,6 +72,7 @@ def hvp_exact(op: HessianOperator, v: Vector) -> Vector:
     assert acc is not None
     return op._finish(acc)
 
+
 def _exact_graph(op: HessianOperator):
     """The first gradients with their graphs, one per micro-batch, re-taken when a parameter changed."""
     version = op._params_version()
@@ -82,6 +89,7 @@ def _exact_graph(op: HessianOperator):
         op.n_grad += 1
         op._graph = (version, per_mb, wrt)
     return op._graph
+
 
 def hvp_fd(op: HessianOperator, v: Vector) -> Vector:
     vnorm = op.backend.norm(v)
@@ -105,6 +113,7 @@ def hvp_fd(op: HessianOperator, v: Vector) -> Vector:
         a.sub_(b).div_(2 * h)
     return gp
 
+
 def _param_norm(op: HessianOperator) -> float:
     version = op._params_version()
     if op._theta_norm is None or op._theta_norm[0] != version:
@@ -112,6 +121,7 @@ def _param_norm(op: HessianOperator) -> float:
             sq = op.backend.dot([p.detach() for p in op.params], [p.detach() for p in op.params])
         op._theta_norm = (version, math.sqrt(max(sq, 0.0)))
     return op._theta_norm[1]
+
 
 def _grad_at(op: HessianOperator, v: Vector, h: float) -> Vector:
     if op.grad_fn is None:
@@ -137,6 +147,7 @@ def _grad_at(op: HessianOperator, v: Vector, h: float) -> Vector:
         op._base_version = op._params_version()  # the perturbation was undone exactly
     return g
 
+
 def hvp_jvp(op: HessianOperator, v: Vector) -> Vector:
     from torch.func import grad, jvp
 
@@ -158,4 +169,3 @@ def hvp_jvp(op: HessianOperator, v: Vector) -> Vector:
             acc = op._accumulate(acc, [hv[n] for n in names], n_mb)
     assert acc is not None
     return op._finish(acc)
-

@@ -72,5 +72,3 @@ def hutchinson_trace(
     if tol is not None:
         return TraceResult(est, se, len(samples), n_matvec, converged=False, reason="max_samples")
     return TraceResult(est, se, len(samples), n_matvec, converged=True)
-
-
