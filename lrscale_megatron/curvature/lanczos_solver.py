@@ -233,7 +233,7 @@ def lanczos(
             del w
             break
         if invariant:  # fewer than k Ritz values: restart orthogonally to everything seen so far
-            if reorth != "full":
+            if reorth_mode != "full":
                 reason = (
                     f"breakdown at iteration {it} with {m} < k={k} Ritz values (reorth='none' cannot restart)"
                 )
