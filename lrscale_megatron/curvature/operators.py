@@ -266,16 +266,18 @@ class HessianOperator:
         (new, non-aliased autograd outputs): no extra gradient-sized buffer."""
         w = 1.0 / n
         if acc is None:
-            out = []
+            out: list[torch.Tensor] = []
+            seen: set[int] = set()  # autograd may return one tensor for two inputs (e.g. both sides of an add)
             for t, p in zip(ts, self.params):
                 if t is None:
                     out.append(torch.zeros(p.shape, dtype=self.backend.dtype, device=self.backend.device))
                     continue
                 t = t.detach()
-                if not fresh or t._base is not None or not t.is_contiguous():
+                if not fresh or t._base is not None or not t.is_contiguous() or t.data_ptr() in seen:
                     t = t.to(self.backend.dtype, copy=True).contiguous()
                 else:
                     t = t.to(self.backend.dtype)
+                seen.add(t.data_ptr())
                 out.append(t.mul_(w) if n > 1 else t)
             return out
         for a, t in zip(acc, ts):

@@ -124,13 +124,13 @@ def _param_norm(op: HessianOperator) -> float:
 
 
 def _grad_at(op: HessianOperator, v: Vector, h: float) -> Vector:
-    if op.grad_fn is None:
+    if op.upcast:  # bf16/fp16: evaluate at float32 substitutes so that h*v is not rounded away
         leaves = op._leaves(v, h)
         try:
             return op.loss_and_grad(leaves)[1]
         finally:
             del leaves
-    # a user grad_fn differentiates the model's own parameters: perturb them in place, restore exactly
+    # float32/float64 (and any user grad_fn): perturb the parameters in place, restore exactly from a copy
     version = op._params_version()
     saved = [p.detach().clone() for p in op.params]
     try:
