@@ -267,7 +267,9 @@ class HessianOperator:
         w = 1.0 / n
         if acc is None:
             out: list[torch.Tensor] = []
-            seen: set[int] = set()  # autograd may return one tensor for two inputs (e.g. both sides of an add)
+            seen: set[int] = (
+                set()
+            )  # autograd may return one tensor for two inputs (e.g. both sides of an add)
             for t, p in zip(ts, self.params):
                 if t is None:
                     out.append(torch.zeros(p.shape, dtype=self.backend.dtype, device=self.backend.device))
