@@ -36,7 +36,8 @@ mbs = per // a.micro_batches
 rows = {k: v[ctx.dp_rank * per : (ctx.dp_rank + 1) * per] for k, v in full.items()}
 micro = [{k: v[i * mbs : (i + 1) * mbs] for k, v in rows.items()} for i in range(a.micro_batches)]
 
-# record the device of every tensor handed to torch.distributed on every curvature code path
+# record the device of every tensor handed to torch.distributed on every curvature code path (isend/irecv
+# are left alone: megatron's P2POp checks their identity; lrscale's own pipeline uses send/recv)
 import torch.distributed as dist  # noqa: E402
 
 devices: list[tuple[str, str]] = []
@@ -45,9 +46,7 @@ _COLLECTIVES = (
     "broadcast",
     "send",
     "recv",
-    "isend",
-    "irecv",
-    "all_gather",
+            "all_gather",
     "reduce_scatter",
     "all_gather_into_tensor",
     "reduce_scatter_tensor",
