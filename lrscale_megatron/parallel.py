@@ -14,14 +14,21 @@ What it provides:
 * the reductions: one all-reduce over the model-parallel (TP x PP) group for inner products, the
   data-parallel mean for Hessian-vector products (the same averaging DDP applies to gradients), and
   the sum over the embedding group for tied embeddings split over pipeline stages;
-* point-to-point helpers between adjacent pipeline stages.
+* point-to-point helpers between adjacent pipeline stages;
+* :attr:`device`: where every tensor handed to ``torch.distributed`` lives (the current CUDA device
+  under NCCL, the CPU under gloo). Every collective in the package goes through a method of this class,
+  which moves its tensors there (NCCL rejects CPU tensors);
+* :meth:`autodiff_patch`: the context manager that makes the model's layers twice differentiable for
+  exact Hessian-vector products (megatron-core TP layers), so that the curvature core never imports a
+  host-framework integration.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -48,6 +55,10 @@ class ParallelContext:
         pp_prev_rank, pp_next_rank: global ranks of the adjacent pipeline stages.
         layer_offset: global index of this stage's first transformer layer (for global names).
         world_size: total processes.
+        device: device of every tensor handed to ``torch.distributed`` (default: the current CUDA
+            device when the default process group uses NCCL, else the CPU).
+        double_backward_patch: ``() -> context manager`` making the model's tensor-parallel layers
+            twice differentiable (set by :meth:`from_megatron`); see :meth:`autodiff_patch`.
     """
 
     tp_size: int = 1
@@ -66,6 +77,8 @@ class ParallelContext:
     layer_offset: int = 0
     world_size: int = 1
     source: str = "single"
+    device: torch.device = field(default_factory=lambda: _default_device())
+    double_backward_patch: Callable[[], contextlib.AbstractContextManager] | None = None
     _specs_cache: dict = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
@@ -86,6 +99,7 @@ class ParallelContext:
         ):
             if not 0 <= r < s:
                 raise ValueError(f"ParallelContext.{name}_rank={r} is outside [0, {name}_size={s})")
+        self.device = torch.device(self.device)
 
     # ------------------------------------------------------------------ constructors
     @classmethod
@@ -109,6 +123,8 @@ class ParallelContext:
             )
         import torch.distributed as dist
 
+        from lrscale_megatron.integrations import megatron_tp
+
         tp, pp = ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size()
         dp = ps.get_data_parallel_world_size()
         emb = None
@@ -131,6 +147,7 @@ class ParallelContext:
             layer_offset=_layer_offset(model) if model is not None else 0,
             world_size=dist.get_world_size(),
             source="megatron",
+            double_backward_patch=megatron_tp.twice_differentiable_tp,
         )
 
     @classmethod
@@ -270,64 +287,82 @@ class ParallelContext:
             all_reduce=self.all_reduce_model_parallel if self.model_parallel else None,
         )
 
+    # ------------------------------------------------------------------ autodiff
+    def autodiff_patch(
+        self, model: torch.nn.Module
+    ) -> Callable[[], contextlib.AbstractContextManager] | None:
+        """The context manager factory that makes ``model`` twice differentiable, or ``None`` when it
+        needs none. Megatron-core tensor-parallel layers need one (their autograd Functions communicate
+        outside autograd): :attr:`double_backward_patch` when set, else the megatron-core patch."""
+        from lrscale_megatron.integrations import megatron_tp
+
+        if not megatron_tp.model_has_megatron_tp_layers(model):
+            return None
+        return self.double_backward_patch or megatron_tp.twice_differentiable_tp
+
     # ------------------------------------------------------------------ collectives
+    def _on_device(self, t: torch.Tensor, group: Any, op: str = "all_reduce") -> None:
+        """In-place ``op`` of ``t`` over ``group`` on :attr:`device` (copied there and back if needed)."""
+        import torch.distributed as dist
+
+        x = t if t.device == self.device else t.to(self.device)
+        getattr(dist, op)(x, group=group)
+        if x is not t:
+            t.copy_(x)
+
     def all_reduce_model_parallel(self, t: torch.Tensor) -> None:
         """In-place sum over the model-parallel (TP x PP) group: the one reduction of inner products."""
         if self.mp_group is not None:
-            import torch.distributed as dist
-
-            dist.all_reduce(t, group=self.mp_group)
+            self._on_device(t, self.mp_group)
 
     def average_data_parallel(self, tensors: list[torch.Tensor]) -> None:
-        """In-place mean over data-parallel replicas, one coalesced all-reduce (as DDP averages grads)."""
+        """In-place mean over data-parallel replicas, one coalesced all-reduce per dtype (as DDP averages
+        gradients), in the tensors' own dtype: no float64 model-sized buffer."""
         if self.dp_group is None or self.dp_size == 1 or not tensors:
             return
-        import torch.distributed as dist
-
-        flat = torch.cat([t.reshape(-1).to(torch.float64) for t in tensors])
-        dist.all_reduce(flat, group=self.dp_group)
-        flat /= self.dp_size
-        off = 0
-        for t in tensors:
-            n = t.numel()
-            t.copy_(flat[off : off + n].view_as(t))
-            off += n
+        for dtype in dict.fromkeys(t.dtype for t in tensors):
+            group = [t for t in tensors if t.dtype == dtype]
+            flat = torch.cat([t.reshape(-1).to(self.device) for t in group])
+            self._on_device(flat, self.dp_group)
+            flat /= self.dp_size
+            off = 0
+            for t in group:
+                n = t.numel()
+                t.copy_(flat[off : off + n].view_as(t))
+                off += n
+            del flat
 
     def sum_tied_embeddings(self, tensors: list[torch.Tensor], indices: Sequence[int]) -> None:
         """In-place sum over the embedding group of the tensors at ``indices`` (tied embedding halves)."""
         if not indices or self.embedding_group is None:
             return
-        import torch.distributed as dist
-
         for i in indices:
-            dist.all_reduce(tensors[i], group=self.embedding_group)
+            self._on_device(tensors[i], self.embedding_group)
 
     def reduce_loss(self, loss: float) -> float:
         """The job's loss from a per-rank value: taken from the last pipeline stage, averaged over DP."""
         if not self.model_parallel and self.dp_size == 1:
             return loss
-        import torch.distributed as dist
-
-        t = torch.tensor([loss if self.is_last_stage else 0.0], dtype=torch.float64)
+        t = torch.tensor([loss if self.is_last_stage else 0.0], dtype=torch.float64, device=self.device)
         if self.pp_group is not None:
-            dist.all_reduce(t, group=self.pp_group)
+            self._on_device(t, self.pp_group)
         if self.dp_group is not None:
-            dist.all_reduce(t, group=self.dp_group)
+            self._on_device(t, self.dp_group)
             t /= self.dp_size
         return float(t.item())
 
     # ------------------------------------------------------------------ pipeline p2p
     def send_next(self, t: torch.Tensor) -> None:
-        _send(t, self.pp_next_rank)
+        _send(t, self.pp_next_rank, self.device)
 
     def recv_prev(self) -> torch.Tensor:
-        return _recv(self.pp_prev_rank)
+        return _recv(self.pp_prev_rank, self.device)
 
     def send_prev(self, t: torch.Tensor) -> None:
-        _send(t, self.pp_prev_rank)
+        _send(t, self.pp_prev_rank, self.device)
 
     def recv_next(self) -> torch.Tensor:
-        return _recv(self.pp_next_rank)
+        return _recv(self.pp_next_rank, self.device)
 
     def describe(self) -> str:
         return (
@@ -347,33 +382,41 @@ def resolve_context(model: torch.nn.Module | None = None) -> ParallelContext:
 _DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
 
 
-def _send(t: torch.Tensor, dst: int | None) -> None:
+def _default_device() -> torch.device:
+    """The current CUDA device when the default process group uses NCCL, else the CPU."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _send(t: torch.Tensor, dst: int | None, device: torch.device) -> None:
     """Send a tensor of any shape/dtype: a fixed-size header (dtype, ndim, dims) then the data."""
     import torch.distributed as dist
 
     if dst is None:
         raise RuntimeError("no pipeline neighbour to send to (this is the first/last stage)")
-    t = t.detach().contiguous()
+    t = t.detach().to(device).contiguous()
     if t.ndim > 8:
         raise ValueError(f"pipeline activation has {t.ndim} dims; at most 8 are supported")
-    header = torch.full((10,), -1, dtype=torch.int64)
-    header[0] = _DTYPES.index(t.dtype)
-    header[1] = t.ndim
-    header[2 : 2 + t.ndim] = torch.tensor(t.shape, dtype=torch.int64)
+    dims = [_DTYPES.index(t.dtype), t.ndim, *t.shape] + [-1] * (8 - t.ndim)
+    header = torch.tensor(dims, dtype=torch.int64, device=device)
     dist.send(header, dst)
     dist.send(t, dst)
 
 
-def _recv(src: int | None) -> torch.Tensor:
+def _recv(src: int | None, device: torch.device) -> torch.Tensor:
     import torch.distributed as dist
 
     if src is None:
         raise RuntimeError("no pipeline neighbour to receive from (this is the first/last stage)")
-    header = torch.empty((10,), dtype=torch.int64)
+    header = torch.empty((10,), dtype=torch.int64, device=device)
     dist.recv(header, src)
-    dtype = _DTYPES[int(header[0])]
-    shape = tuple(int(x) for x in header[2 : 2 + int(header[1])])
-    out = torch.empty(shape, dtype=dtype)
+    h = header.tolist()
+    dtype = _DTYPES[int(h[0])]
+    shape = tuple(int(x) for x in h[2 : 2 + int(h[1])])
+    out = torch.empty(shape, dtype=dtype, device=device)
     dist.recv(out, src)
     return out
 

@@ -95,11 +95,16 @@ class VectorBackend:
 
     # ------------------------------------------------------------------ reductions
     def local_dot(self, x: Vector, y: Vector) -> torch.Tensor:
-        """Sum of x·y over the shards this rank owns, as a float64 0-d tensor (no communication)."""
+        """Sum of x·y over the shards this rank owns, as a float64 0-d tensor (no communication).
+
+        Products are formed in float64 in chunks of at most :data:`DOT_CHUNK` elements, so the only
+        float64 temporaries are chunk-sized, never parameter-sized (a 13B model's embedding would
+        otherwise need two multi-GiB float64 copies per inner product).
+        """
         s = torch.zeros((), dtype=torch.float64, device=self.device)
         for spec, a, b in zip(self.specs, x, y):
             if spec.owned:
-                s += torch.sum(a.to(torch.float64) * b.to(torch.float64))
+                s += _chunked_dot(a, b)
         return s
 
     def dot(self, x: Vector, y: Vector) -> float:
@@ -135,6 +140,12 @@ class VectorBackend:
     def scale(self, a: float, x: Vector) -> Vector:
         return [a * xi for xi in x]
 
+    def scale_(self, a: float, x: Vector) -> Vector:
+        """In place: ``x *= a``; returns ``x``."""
+        for xi in x:
+            xi.mul_(a)
+        return x
+
     def clone(self, x: Vector) -> Vector:
         return [xi.clone() for xi in x]
 
@@ -151,8 +162,8 @@ class VectorBackend:
     def is_finite(self, x: Vector) -> bool:
         """True when every entry of every shard on every model-parallel rank is finite."""
         bad = torch.zeros((), dtype=torch.float64, device=self.device)
-        for xi in x:
-            if not bool(torch.isfinite(xi).all()):
+        for xi in x:  # chunked: torch.isfinite allocates several full-size temporaries
+            if not all(bool(torch.isfinite(c).all()) for c in xi.reshape(-1).split(DOT_CHUNK)):
                 bad += 1.0
         if self._all_reduce is not None:
             self._all_reduce(bad)
@@ -184,10 +195,30 @@ class VectorBackend:
     @property
     def dim(self) -> int:
         """Dimension of the global parameter vector (owned entries summed over model-parallel ranks)."""
-        n = torch.tensor(float(sum(math.prod(s.shape) for s in self.specs if s.owned)), dtype=torch.float64)
+        n = torch.tensor(
+            float(sum(math.prod(s.shape) for s in self.specs if s.owned)),
+            dtype=torch.float64,
+            device=self.device,
+        )
         if self._all_reduce is not None:
             self._all_reduce(n)
         return int(round(n.item()))
+
+
+#: elements per float64 chunk in :meth:`VectorBackend.local_dot` (512 KiB of float64 temporaries)
+DOT_CHUNK = 1 << 16
+
+
+def _chunked_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``sum(a * b)`` accumulated in float64 with chunk-sized float64 temporaries only."""
+    fa, fb = a.reshape(-1), b.reshape(-1)
+    n = fa.numel()
+    if n <= DOT_CHUNK:
+        return torch.dot(fa.to(torch.float64), fb.to(torch.float64))
+    total = torch.zeros((), dtype=torch.float64, device=a.device)
+    for i in range(0, n, DOT_CHUNK):
+        total += torch.dot(fa[i : i + DOT_CHUNK].to(torch.float64), fb[i : i + DOT_CHUNK].to(torch.float64))
+    return total
 
 
 def single_process_backend(

@@ -64,6 +64,7 @@ class _MaskedBackend(VectorBackend):
         n = torch.tensor(
             float(sum(torch.Size(s.shape).numel() for s, k in zip(self.specs, self.keep) if s.owned and k)),
             dtype=torch.float64,
+            device=self.device,
         )
         if self._all_reduce is not None:
             self._all_reduce(n)
@@ -72,6 +73,8 @@ class _MaskedBackend(VectorBackend):
 
 class BlockOperator:
     """``P H P`` for the parameters at ``indices`` of ``op`` (every rank must build it, even with none)."""
+
+    returns_new_tensors = True  # project() keeps op's output tensors or makes zeros; copied if op reuses
 
     def __init__(self, op, indices: Sequence[int]) -> None:
         self.op = op
@@ -85,6 +88,9 @@ class BlockOperator:
         self.n_matvec += 1
         b = self.backend
         assert isinstance(b, _MaskedBackend)
-        return b.project(self.op.matvec(b.project(v)))
+        out = self.op.matvec(b.project(v))
+        if not getattr(self.op, "returns_new_tensors", False):
+            out = [t.clone() for t in out]
+        return b.project(out)
 
     __call__ = matvec

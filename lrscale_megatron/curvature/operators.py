@@ -3,28 +3,29 @@
 :class:`HessianOperator` applies the Hessian of ``loss_fn(model, batch)`` (averaged over a fixed list of
 micro-batches and over data-parallel replicas) to a per-parameter vector, in one of three modes:
 
-* ``"exact"`` -- double backward (Pearlmutter 1994): ``Hv = ∂⟨∇L, v⟩/∂θ``. Under pipeline parallelism,
-  stage-wise double backward with the tangent sent between stages (:mod:`.pipeline`). Megatron
-  tensor-parallel layers are made twice differentiable around each product by
-  :func:`lrscale_megatron.integrations.megatron_tp.twice_differentiable_tp` (unpatched they give a
-  silently wrong answer).
+* ``"exact"`` -- double backward (Pearlmutter 1994): ``Hv = ∂⟨∇L, v⟩/∂θ``. The first gradient is taken
+  once with ``create_graph=True`` and its graph is reused by every product (as PyHessian does), so a
+  product costs one backward through that graph (``reuse_graph``; re-taken when a parameter changes).
+  Under pipeline parallelism: stage-wise double backward with the tangent sent between stages
+  (:mod:`.pipeline`). A backward autograd cannot differentiate again (fused kernels, no-grad or
+  ``once_differentiable`` backward) is refused, pointing to ``"fd"`` (:mod:`.autodiff`). Layers that
+  need a patch to be twice differentiable (megatron TP) get it from the :class:`ParallelContext`
+  (``ctx.autodiff_patch(model)``), around exact products only.
 * ``"fd"`` -- finite differences of gradients: ``forward`` scheme ``(∇L(θ+hv) - ∇L(θ))/h`` reuses a
-  cached base gradient, so one product costs one gradient; ``central`` scheme
-  ``(∇L(θ+hv) - ∇L(θ-hv))/2h`` costs two and is O(h²) accurate. The step is
-  ``h = c·max(1, ||θ||)/||v||`` with ``c = 0.1·sqrt(u)`` (forward) or ``0.1·u^(1/3)`` (central), ``u``
-  the unit roundoff of the parameter dtype. The textbook constants (without the 0.1) assume unit
-  curvature scales; on a trained float32 GPT they gave a 1 % bias (forward) and, for central
-  differences, Lanczos vectors concentrated on a few coordinates drove the Rayleigh quotient from 10.8
-  to 292 (docs/benchmarks.md). The cached base gradient is recomputed when a parameter changed in
-  place since it was taken (``Tensor._version``). Gradients come from autograd, from the stage-wise pipeline pass, or
-  from a user ``grad_fn`` (for example megatron's pipeline schedule).
-* ``"jvp"`` -- forward-over-reverse with ``torch.func.jvp(grad(L))``; plain PyTorch models only
-  (megatron's custom autograd Functions have no forward-mode rule).
+  cached base gradient (one gradient per product); ``central`` ``(∇L(θ+hv) - ∇L(θ-hv))/2h`` costs two
+  and is O(h²). ``h = c·max(1, ||θ||)/||v||`` with ``c = 0.1·sqrt(u)`` (forward) or ``0.1·u^(1/3)``
+  (central), ``u`` the float32 (float64 for float64 models) unit roundoff: the loss at ``θ+hv`` is
+  evaluated on tensors the operator owns (:func:`.evaluation.substituted`), in float32 for bfloat16 /
+  float16 parameters, so the perturbation is not rounded away (in bf16, 1,583 of 28,032 parameters
+  moved and lambda was 30.6 for 11.47). No double backward: fd never enables the TP patch. With a user
+  ``grad_fn`` (e.g. megatron's pipeline schedule) the parameters are perturbed in place and restored
+  exactly from a copy; bfloat16/float16 parameters are refused there.
+* ``"jvp"`` -- forward-over-reverse with ``torch.func.jvp(grad(L))``; plain PyTorch models only.
 
-Vectors are lists of per-parameter tensors in float32 (float64 for float64 models), so bf16/fp16
-models accumulate products in fp32. :class:`PreconditionedOperator` gives Adam's
-``P^-1/2 H P^-1/2`` with ``P = diag(sqrt(v̂) + eps)`` from the optimizer's bias-corrected second moment
-(Cohen et al. 2022, "Adaptive gradient methods at the edge of stability").
+Every evaluation of the loss is deterministic: dropout off and random generators fixed and restored
+(:func:`.evaluation.deterministic_loss`). Vectors are float32 (float64 for float64 models) per-parameter
+tensors. :class:`PreconditionedOperator` gives Adam's ``P^-1/2 H P^-1/2`` with ``P = diag(sqrt(v̂) +
+eps)`` (Cohen et al. 2022, "Adaptive gradient methods at the edge of stability").
 """
 
 from __future__ import annotations
@@ -36,8 +37,16 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
+from torch.utils._pytree import tree_map
 
 from lrscale_megatron.curvature.backend import Vector, VectorBackend
+from lrscale_megatron.curvature.evaluation import (
+    LOW_PRECISION,
+    deterministic_loss,
+    megatron_set_input,
+    substituted,
+    upcast_rest,
+)
 
 if TYPE_CHECKING:
     from lrscale_megatron.parallel import ParallelContext
@@ -59,28 +68,27 @@ class HessianOperator:
 
     Args:
         model: the module (this pipeline stage's module under PP).
-        loss_fn: ``loss_fn(model, batch) -> loss``. Under pipeline parallelism it returns this stage's
-            output instead (the loss on the last stage, the output activation elsewhere); the operator
-            feeds the received activation through ``model.set_input_tensor`` (megatron convention)
-            or ``input_setter``.
+        loss_fn: ``loss_fn(model, batch) -> loss`` (under PP: this stage's output; the received
+            activation is fed through ``model.set_input_tensor`` or ``input_setter``).
         batch: one batch, or a ``list`` of micro-batches (the loss is their mean).
-        mode: ``"exact"`` | ``"fd"`` | ``"jvp"`` (see module docstring).
-        params: parameters to differentiate with respect to (a restriction of H to that block, e.g. a
-            layer): ``None`` for all parameters with ``requires_grad``, or a sequence of names or
-            parameter tensors.
+        mode: ``"exact"`` | ``"fd"`` | ``"jvp"`` (module docstring).
+        params: parameters to differentiate (a block of H): ``None`` for all with ``requires_grad``, or
+            names / parameter tensors.
         parallel: the job's :class:`~lrscale_megatron.parallel.ParallelContext` (default single process).
         fd_scheme: ``"forward"`` (cached base gradient) or ``"central"``.
-        fd_eps: override the finite-difference constant ``c`` (see module docstring).
-        grad_fn: ``grad_fn() -> (loss, grads)`` computing this rank's gradients of its whole local batch
-            at the current parameters (only for ``mode="fd"``), e.g. through megatron's pipeline schedule
-            (:func:`lrscale_megatron.integrations.megatron_schedule.schedule_grad_fn`). The operator
-            sums tied-embedding halves and averages over data-parallel ranks.
-        megatron_tp_patch: make megatron TP layers twice differentiable around exact products (default).
-            Turning it off gives wrong exact products; it exists to show that.
-        math_sdpa: run scaled-dot-product attention with the math kernel during products (the fused
-            CPU kernels have no double backward / forward-mode rule).
+        fd_eps: override the finite-difference constant ``c``.
+        grad_fn: ``grad_fn() -> (loss, grads)`` of this rank's whole local batch at the current
+            parameters (``mode="fd"`` only), e.g. megatron's pipeline schedule.
+        megatron_tp_patch: use the context's twice-differentiable patch for exact products (default).
+        math_sdpa: scaled-dot-product attention with the math kernel during products.
         input_setter: ``input_setter(model, tensor)`` for pipeline stages that are not megatron modules.
+        eval_mode: evaluate the loss with the model in ``eval()`` mode (dropout off). ``False`` keeps
+            the training mode; the random generators are fixed per evaluation either way.
+        reuse_graph: exact mode: keep the first gradient's graph across products. Default: when there
+            is one micro-batch and no pipeline parallelism (memory: one graph per micro-batch).
     """
+
+    returns_new_tensors = True
 
     def __init__(
         self,
@@ -96,6 +104,8 @@ class HessianOperator:
         megatron_tp_patch: bool = True,
         math_sdpa: bool = True,
         input_setter: Callable[[torch.nn.Module, torch.Tensor | None], None] | None = None,
+        eval_mode: bool = True,
+        reuse_graph: bool | None = None,
     ) -> None:
         if mode not in MODES:
             raise ValueError(f"HessianOperator mode={mode!r} is not one of {MODES}")
@@ -118,22 +128,30 @@ class HessianOperator:
         self.grad_fn = grad_fn
         self.math_sdpa = math_sdpa
         self.input_setter = input_setter
+        self.eval_mode = eval_mode
         self.named_params = self._select_params(params)
         self.params = [p for _, p in self.named_params]
         if not self.params:
             raise ValueError("HessianOperator has no parameters: params selected none with requires_grad")
         pdtype = self.params[0].dtype
+        self.upcast = pdtype in LOW_PRECISION
+        if self.upcast and grad_fn is not None:
+            raise ValueError(
+                f"HessianOperator(mode='fd', grad_fn=...) with {pdtype} parameters: a grad_fn computes "
+                f"gradients at the model's own {pdtype} weights, where the step h*v rounds away; pass "
+                "grad_fn=None (the operator then evaluates the loss at float32 copies) or measure on a "
+                "float32 model"
+            )
         vdtype = torch.float64 if pdtype == torch.float64 else torch.float32
         self.backend: VectorBackend = self.parallel.backend(self.named_params, vdtype, self.params[0].device)
         self._tied = self.parallel.tied_embedding_indices(self.named_params)
-        eps_dtype = pdtype if pdtype in (torch.float32, torch.float64) else torch.float32
-        u = torch.finfo(eps_dtype).eps / 2
+        u = torch.finfo(vdtype).eps / 2
         self.fd_eps = (
             fd_eps if fd_eps is not None else 0.1 * (math.sqrt(u) if fd_scheme == "forward" else u ** (1 / 3))
         )
-        from lrscale_megatron.integrations import megatron_tp
-
-        self._has_tp_layers = megatron_tp.model_has_megatron_tp_layers(model)
+        patch = self.parallel.autodiff_patch(model)
+        self._has_tp_layers = patch is not None
+        self._tp_patch = patch if (megatron_tp_patch and mode == "exact") else None
         self.megatron_tp_patch = megatron_tp_patch and self._has_tp_layers
         if mode == "jvp" and self._has_tp_layers:
             raise ValueError(
@@ -147,10 +165,17 @@ class HessianOperator:
                 "megatron TP layers without the twice-differentiable patch: exact "
                 "Hessian-vector products will be WRONG (megatron_tp_patch=False)"
             )
+        if reuse_graph is None:
+            reuse_graph = self.parallel.pp_size == 1 and len(self.microbatches) == 1
+        self.reuse_graph = reuse_graph and self.parallel.pp_size == 1
         self.n_matvec = 0
         self.n_grad = 0
         self._base: tuple[float, list[torch.Tensor]] | None = None
         self._base_version: int | None = None
+        self._theta_norm: tuple[int, float] | None = None
+        self._graph: tuple[int, list[tuple[float, list[torch.Tensor | None]]], list[torch.Tensor]] | None = (
+            None
+        )
         self.last_loss: float | None = None
 
     # ------------------------------------------------------------------ parameter selection
@@ -174,26 +199,53 @@ class HessianOperator:
         ids = {id(p) for p in params}
         return [(n, p) for n, p in named if id(p) in ids]
 
-    # ------------------------------------------------------------------ context for every product
+    # ------------------------------------------------------------------ evaluation context
     @contextlib.contextmanager
-    def _autodiff_context(self) -> Iterator[None]:
+    def _evaluation(self, leaves: list[torch.Tensor] | None = None) -> Iterator[None]:
+        """Deterministic loss, the TP patch (exact only), the math SDPA kernel, and (``leaves``) the
+        operator's own tensors in place of the selected parameters (float32 copies of the others when
+        upcasting)."""
         with contextlib.ExitStack() as stack:
-            if self.megatron_tp_patch:
-                from lrscale_megatron.integrations.megatron_tp import twice_differentiable_tp
-
-                stack.enter_context(twice_differentiable_tp())
+            stack.enter_context(deterministic_loss(self.model, self.eval_mode))
+            if self._tp_patch is not None:
+                stack.enter_context(self._tp_patch())
             if self.math_sdpa:
                 from torch.nn.attention import SDPBackend, sdpa_kernel
 
                 stack.enter_context(sdpa_kernel(SDPBackend.MATH))
+            if leaves is not None:
+                names = [n for n, _ in self.named_params]
+                pdict = upcast_rest(self.model, set(names)) if self.upcast else {}
+                pdict.update(zip(names, leaves))
+                stack.enter_context(substituted(self.model, pdict))
             yield
+
+    def _leaves(self, v: Vector | None = None, h: float = 0.0) -> list[torch.Tensor] | None:
+        """Leaf tensors ``θ + h v`` (float32 when upcasting); ``None`` = the parameters themselves."""
+        if v is None and not self.upcast:
+            return None
+        out = []
+        for i, p in enumerate(self.params):
+            t = p.detach()
+            if self.upcast:
+                t = t.float()
+                if v is not None:
+                    t.add_(v[i], alpha=h)
+            elif v is not None:
+                t = torch.add(t, v[i].to(t.dtype), alpha=h)
+            out.append(t.requires_grad_(True))
+        return out
 
     def _stage_fn(self, batch: Any, inp: torch.Tensor | None) -> torch.Tensor:
         if self.parallel.pp_size > 1:
             if self.input_setter is not None:
                 self.input_setter(self.model, inp)
             else:
-                _megatron_set_input(self.model, inp)
+                megatron_set_input(self.model, inp)
+        if self.upcast:  # float32 evaluation: bf16/fp16 floating inputs follow the parameters
+            batch = tree_map(
+                lambda t: t.float() if isinstance(t, torch.Tensor) and t.dtype in LOW_PRECISION else t, batch
+            )
         out = self.loss_fn(self.model, batch)
         if self.parallel.is_last_stage and out.dim() != 0:
             raise ValueError(
@@ -201,145 +253,96 @@ class HessianOperator:
             )
         return out
 
-    def _to_vec(self, ts: Sequence[torch.Tensor]) -> Vector:
-        return [t.detach().to(self.backend.dtype) for t in ts]
-
     def _finish(self, acc: list[torch.Tensor]) -> Vector:
         """Sum tied-embedding halves over pipeline stages, then average over data-parallel replicas."""
         self.parallel.sum_tied_embeddings(acc, self._tied)
         self.parallel.average_data_parallel(acc)
         return acc
 
-    def _cast_param(self, v: Vector) -> list[torch.Tensor]:
-        return [vi.to(p.dtype) for vi, p in zip(v, self.params)]
+    def _accumulate(
+        self, acc: list[torch.Tensor] | None, ts: Sequence[torch.Tensor | None], n: int, fresh: bool = True
+    ) -> list[torch.Tensor]:
+        """``acc += ts / n`` in the vector dtype. The first call adopts ``ts`` when they are ``fresh``
+        (new, non-aliased autograd outputs): no extra gradient-sized buffer."""
+        w = 1.0 / n
+        if acc is None:
+            out: list[torch.Tensor] = []
+            seen: set[int] = (
+                set()
+            )  # autograd may return one tensor for two inputs (e.g. both sides of an add)
+            for t, p in zip(ts, self.params):
+                if t is None:
+                    out.append(torch.zeros(p.shape, dtype=self.backend.dtype, device=self.backend.device))
+                    continue
+                t = t.detach()
+                if not fresh or t._base is not None or not t.is_contiguous() or t.data_ptr() in seen:
+                    t = t.to(self.backend.dtype, copy=True).contiguous()
+                else:
+                    t = t.to(self.backend.dtype)
+                seen.add(t.data_ptr())
+                out.append(t.mul_(w) if n > 1 else t)
+            return out
+        for a, t in zip(acc, ts):
+            if t is not None:
+                a.add_(t.detach().to(a.dtype), alpha=w)
+        return acc
 
     # ------------------------------------------------------------------ gradients
-    def loss_and_grad(self) -> tuple[float, Vector]:
-        """Mean loss (NaN on non-last pipeline stages) and the gradient at the current parameters."""
+    def loss_and_grad(self, leaves: list[torch.Tensor] | None = None) -> tuple[float, Vector]:
+        """Mean loss (NaN on non-last pipeline stages) and the gradient, at the parameters or at
+        ``leaves`` (tensors standing in for them)."""
         self.n_grad += 1
         if self.grad_fn is not None:
-            loss, g = self.grad_fn()
+            with deterministic_loss(self.model, self.eval_mode):
+                loss, g = self.grad_fn()
             self.last_loss = loss
-            return loss, self._finish(self._to_vec(g))
+            return loss, self._finish(self._accumulate(None, g, 1, fresh=False))
+        if leaves is None:
+            leaves = self._leaves()
+        wrt = self.params if leaves is None else leaves
         n = len(self.microbatches)
-        acc = self.backend.zeros()
+        acc = None
         total = 0.0
-        for mb in self.microbatches:
-            if self.parallel.pp_size > 1:
-                from lrscale_megatron.curvature.pipeline import pipeline_loss_and_grad
+        with self._evaluation(leaves):
+            for mb in self.microbatches:
+                if self.parallel.pp_size > 1:
+                    from lrscale_megatron.curvature.pipeline import pipeline_loss_and_grad
 
-                loss, g = pipeline_loss_and_grad(self.parallel, self._stage_fn, mb, self.params)
-            else:
-                out = self._stage_fn(mb, None)
-                loss = float(out.detach())
-                g_raw = torch.autograd.grad(out, self.params, allow_unused=True)
-                g = [torch.zeros_like(p) if gi is None else gi for gi, p in zip(g_raw, self.params)]
-            total += loss / n
-            for a, gi in zip(acc, g):
-                a.add_(gi.detach().to(a.dtype), alpha=1.0 / n)
+                    loss, g = pipeline_loss_and_grad(self.parallel, self._stage_fn, mb, wrt)
+                else:
+                    out = self._stage_fn(mb, None)
+                    loss = float(out.detach())
+                    g = list(torch.autograd.grad(out, wrt, allow_unused=True))
+                    del out
+                total += loss / n
+                acc = self._accumulate(acc, g, n)
+                del g
         self.last_loss = total
+        assert acc is not None
         return total, self._finish(acc)
 
     # ------------------------------------------------------------------ products
     def matvec(self, v: Vector) -> Vector:
         """H v (this rank's shards), averaged over micro-batches and data-parallel replicas."""
         self.n_matvec += 1
-        with self._autodiff_context():
-            if self.mode == "exact":
-                return self._hvp_exact(v)
-            if self.mode == "fd":
-                return self._hvp_fd(v)
-            return self._hvp_jvp(v)
+        from lrscale_megatron.curvature import products
+
+        if self.mode == "exact":
+            return products.hvp_exact(self, v)
+        if self.mode == "fd":
+            return products.hvp_fd(self, v)
+        return products.hvp_jvp(self, v)
 
     __call__ = matvec
 
-    def _hvp_exact(self, v: Vector) -> Vector:
-        vp = self._cast_param(v)
-        n = len(self.microbatches)
-        acc = self.backend.zeros()
-        total = 0.0
-        for mb in self.microbatches:
-            if self.parallel.pp_size > 1:
-                from lrscale_megatron.curvature.pipeline import pipeline_hvp
-
-                loss, hv = pipeline_hvp(self.parallel, self._stage_fn, mb, self.params, vp)
-            else:
-                out = self._stage_fn(mb, None)
-                loss = float(out.detach())
-                g = torch.autograd.grad(out, self.params, create_graph=True, allow_unused=True)
-                pairs = [(gi, vi) for gi, vi in zip(g, vp) if gi is not None and gi.requires_grad]
-                hv_raw: Sequence[torch.Tensor | None] = [None] * len(self.params)
-                if pairs:
-                    hv_raw = torch.autograd.grad(
-                        [gi for gi, _ in pairs],
-                        self.params,
-                        grad_outputs=[vi for _, vi in pairs],
-                        allow_unused=True,
-                    )
-                hv = [torch.zeros_like(p) if h is None else h for h, p in zip(hv_raw, self.params)]
-            total += loss / n
-            for a, h in zip(acc, hv):
-                a.add_(h.detach().to(a.dtype), alpha=1.0 / n)
-        self.last_loss = total
-        return self._finish(acc)
-
-    def _hvp_fd(self, v: Vector) -> Vector:
-        vnorm = self.backend.norm(v)
-        if not math.isfinite(vnorm):
-            return [torch.full_like(x, float("nan")) for x in v]
-        if vnorm == 0.0:
-            return self.backend.zeros()
-        theta_norm = math.sqrt(
-            max(self.backend.dot(self._to_vec(self.params), self._to_vec(self.params)), 0.0)
-        )
-        h = self.fd_eps * max(1.0, theta_norm) / vnorm
-        if self.fd_scheme == "forward":
-            if self._base is None or self._base_version != self._params_version():
-                self._base = self.loss_and_grad()
-                self._base_version = self._params_version()
-            g0 = self._base[1]
-            gp = self._grad_at(v, h)
-            self._base_version = self._params_version()  # the perturbation was undone exactly
-            return [(a - b) / h for a, b in zip(gp, g0)]
-        gp = self._grad_at(v, h)
-        gm = self._grad_at(v, -h)
-        return [(a - b) / (2 * h) for a, b in zip(gp, gm)]
+    def release(self) -> None:
+        """Free what the operator caches (the first gradient's graph, the fd base gradient)."""
+        self._graph = None
+        self._base = None
 
     def _params_version(self) -> int:
         """Changes whenever any parameter is modified in place (optimizer steps, load_state_dict)."""
         return sum(p._version for p in self.params)
-
-    def _grad_at(self, v: Vector, h: float) -> Vector:
-        saved = [p.detach().clone() for p in self.params]
-        try:
-            with torch.no_grad():
-                for p, vi in zip(self.params, v):
-                    p.add_(vi.to(p.dtype), alpha=h)
-            _, g = self.loss_and_grad()
-        finally:
-            with torch.no_grad():
-                for p, s in zip(self.params, saved):
-                    p.copy_(s)
-        return g
-
-    def _hvp_jvp(self, v: Vector) -> Vector:
-        from torch.func import functional_call, grad, jvp
-
-        names = [n for n, _ in self.named_params]
-        primals = {n: p.detach() for n, p in self.named_params}
-        tangents = {n: vi.to(p.dtype) for (n, p), vi in zip(self.named_params, v)}
-        n_mb = len(self.microbatches)
-        acc = self.backend.zeros()
-        for mb in self.microbatches:
-
-            def loss_of(pdict, mb=mb):
-                fmodel: Any = _FunctionalModel(self.model, pdict, functional_call)
-                return self.loss_fn(fmodel, mb)
-
-            hv = jvp(grad(loss_of), (primals,), (tangents,))[1]
-            for a, n in zip(acc, names):
-                a.add_(hv[n].detach().to(a.dtype), alpha=1.0 / n_mb)
-        return self._finish(acc)
 
     # ------------------------------------------------------------------ helpers
     def restrict(self, params: Sequence[str] | Sequence[torch.Tensor]) -> HessianOperator:
@@ -356,37 +359,13 @@ class HessianOperator:
             megatron_tp_patch=self.megatron_tp_patch or not self._has_tp_layers,
             math_sdpa=self.math_sdpa,
             input_setter=self.input_setter,
+            eval_mode=self.eval_mode,
+            reuse_graph=self.reuse_graph,
         )
 
     @property
     def dim(self) -> int:
         return self.backend.dim
-
-
-class _FunctionalModel:
-    """Calls ``model`` with substituted parameters (``torch.func.functional_call``) so that a
-    ``loss_fn(model, batch)`` written for the module works unchanged under ``torch.func`` transforms."""
-
-    def __init__(self, model: torch.nn.Module, pdict: dict, functional_call) -> None:
-        self._model, self._pdict, self._call = model, pdict, functional_call
-
-    def __call__(self, *args, **kwargs):
-        return self._call(self._model, self._pdict, args, kwargs)
-
-    def __getattr__(self, name):
-        return getattr(self._model, name)
-
-
-def _megatron_set_input(model: torch.nn.Module, inp: torch.Tensor | None) -> None:
-    m: Any = model
-    while not hasattr(m, "set_input_tensor") and hasattr(m, "module"):
-        m = m.module
-    if not hasattr(m, "set_input_tensor"):
-        raise ValueError(
-            "pipeline-parallel HessianOperator needs model.set_input_tensor (megatron) or "
-            "an input_setter=fn(model, tensor)"
-        )
-    m.set_input_tensor(inp)
 
 
 class PreconditionedOperator:

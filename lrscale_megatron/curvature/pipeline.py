@@ -28,6 +28,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from lrscale_megatron.curvature.autodiff import refuse_untracked_backward, second_backward
+
 if TYPE_CHECKING:
     from lrscale_megatron.parallel import ParallelContext
 
@@ -35,14 +37,20 @@ StageFn = Callable[[Any, "torch.Tensor | None"], torch.Tensor]
 
 
 def _grads(outputs, inputs, grad_outputs=None, create_graph=False, retain_graph=None):
-    gs = torch.autograd.grad(
-        outputs,
-        inputs,
-        grad_outputs=grad_outputs,
-        create_graph=create_graph,
-        retain_graph=retain_graph,
-        allow_unused=True,
-    )
+    """Gradients, zeros for inputs the outputs do not depend on at all (``None``: e.g. a parameter
+    unused on this stage). Paths autograd cannot differentiate twice are refused by the callers'
+    :func:`refuse_untracked_backward` guard before any second backward, so a zero here is a true zero."""
+    if create_graph:
+        with refuse_untracked_backward([outputs] if isinstance(outputs, torch.Tensor) else list(outputs)):
+            gs = torch.autograd.grad(
+                outputs, inputs, grad_outputs=grad_outputs, create_graph=True, allow_unused=True
+            )
+    elif retain_graph is None and grad_outputs is None:
+        gs = second_backward(outputs, inputs, None, retain_graph=False)
+    else:
+        gs = torch.autograd.grad(
+            outputs, inputs, grad_outputs=grad_outputs, retain_graph=retain_graph, allow_unused=True
+        )
     return [torch.zeros_like(x) if g is None else g for g, x in zip(gs, inputs)]
 
 

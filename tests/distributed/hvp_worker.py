@@ -36,19 +36,55 @@ mbs = per // a.micro_batches
 rows = {k: v[ctx.dp_rank * per : (ctx.dp_rank + 1) * per] for k, v in full.items()}
 micro = [{k: v[i * mbs : (i + 1) * mbs] for k, v in rows.items()} for i in range(a.micro_batches)]
 
+# record the device of every tensor handed to torch.distributed on every curvature code path (isend/irecv
+# are left alone: megatron's P2POp checks their identity; lrscale's own pipeline uses send/recv)
+import torch.distributed as dist  # noqa: E402
+
+devices: list[tuple[str, str]] = []
+_COLLECTIVES = (
+    "all_reduce",
+    "broadcast",
+    "send",
+    "recv",
+            "all_gather",
+    "reduce_scatter",
+    "all_gather_into_tensor",
+    "reduce_scatter_tensor",
+    "reduce",
+    "gather",
+    "scatter",
+)
+
+
+def _recording(name, fn):
+    def wrapped(*args, **kwargs):
+        for x in list(args) + list(kwargs.values()):
+            for t in x if isinstance(x, (list, tuple)) else [x]:
+                if isinstance(t, torch.Tensor):
+                    devices.append((name, str(t.device)))
+        return fn(*args, **kwargs)
+
+    return wrapped
+
+
+for _n in _COLLECTIVES:
+    if hasattr(dist, _n):
+        setattr(dist, _n, _recording(_n, getattr(dist, _n)))
+
 op = HessianOperator(model, gpt_loss_fn, micro, mode="exact", parallel=ctx, megatron_tp_patch=not a.no_patch)
 v = op.backend.randn(123)
-hv = op.matvec(v)
-vhv = op.backend.dot(v, hv)
-res = lanczos(op, k=1, max_iter=25, tol=1e-10, seed=0)
-out = {
-    "lambda_max": res.eigenvalues[0],
-    "converged": res.converged,
-    "vHv": vhv,
-    "loss": ctx.reduce_loss(op.last_loss),
-    "ctx": (ctx.tp_rank, ctx.pp_rank, ctx.dp_rank),
-    "shards": {},
-}
+out = {"ctx": (ctx.tp_rank, ctx.pp_rank, ctx.dp_rank), "shards": {}, "ctx_device": str(ctx.device)}
+try:
+    hv = op.matvec(v)
+except ValueError as e:  # exact mode refuses a backward it cannot differentiate twice
+    out["refused"] = str(e)
+    hv = [torch.full_like(x, float("nan")) for x in v]
+if "refused" not in out:
+    vhv = op.backend.dot(v, hv)
+    res = lanczos(op, k=1, max_iter=25, tol=1e-10, seed=0)
+    out.update(
+        lambda_max=res.eigenvalues[0], converged=res.converged, vHv=vhv, loss=ctx.reduce_loss(op.last_loss)
+    )
 fd = HessianOperator(model, gpt_loss_fn, micro, mode="fd", fd_scheme="central", parallel=ctx).matvec(v)
 grad_fn = schedule_grad_fn(model, gpt_loss_fn, micro, seq_length=preset.seq_length, micro_batch_size=mbs)
 sched = HessianOperator(
@@ -63,7 +99,6 @@ for spec, h, f, s in zip(op.backend.specs, hv, fd, sched):
         "tp_rank": spec.tp_rank,
         "tp_size": spec.tp_size,
     }
-import torch.distributed as dist  # noqa: E402
-
+out["devices"] = devices
 torch.save(out, os.path.join(a.out, f"rank{dist.get_rank()}.pt"))
 shutdown()

@@ -1,5 +1,6 @@
 """megatron-core GPTModel: H v and lambda_max under TP=2, PP=2, TP2xPP2 and DP=2 equal the
-single-process values (float64), and the test bites: without the TP patch the answer is wrong."""
+single-process values (float64), every collective runs on the context's device, and the test bites:
+without the TP patch the exact answer is wrong or refused."""
 
 from __future__ import annotations
 
@@ -13,6 +14,10 @@ from tests.distributed._launch import torchrun
 
 WORKER = os.path.join(os.path.dirname(__file__), "hvp_worker.py")
 TOL = 1e-6
+#: fd products no longer run under the TP patch (they need no double backward), so they go through
+#: megatron's own fused vocab-parallel cross entropy, whose float32 internals limit a float64-sized
+#: finite difference to ~1.5e-3 relative (measured). Exact products and layout equality stay at 1e-6.
+FD_TOL = 5e-3
 
 
 def run_layout(tmp_path_factory, nproc: int, tp: int, pp: int, *extra: str) -> list[dict]:
@@ -49,7 +54,7 @@ def reference(tmp_path_factory):
 def test_reference_exact_matches_finite_differences(reference):
     (r,) = reference
     exact, fd = assemble(reference, "exact"), assemble(reference, "fd")
-    assert max_rel_err(fd, exact) < 1e-6
+    assert max_rel_err(fd, exact) < FD_TOL
     assert r["lambda_max"] > 0  # Lanczos iterates are compared across layouts, converged or not
 
 
@@ -62,8 +67,11 @@ def test_layout_matches_single_process(tmp_path_factory, reference, nproc, tp, p
     ref_exact = assemble(reference, "exact")
     assert max_rel_err(assemble(ranks, "exact"), ref_exact) < TOL
     # finite differences through megatron's own pipeline schedule agree too (O(h^2) accurate)
-    assert max_rel_err(assemble(ranks, "sched"), ref_exact) < 1e-5
+    assert max_rel_err(assemble(ranks, "sched"), ref_exact) < FD_TOL
     for r in ranks:
+        # every tensor handed to torch.distributed (exact, fd, schedule fd, Lanczos) is on the context's device
+        assert r["devices"], "no collective recorded: the recorder is not wired"
+        assert {d for _, d in r["devices"]} == {r["ctx_device"]}, set(r["devices"])
         assert abs(r["lambda_max"] - ref["lambda_max"]) <= TOL * abs(ref["lambda_max"])
         assert abs(r["vHv"] - ref["vHv"]) <= TOL * abs(ref["vHv"])
         assert abs(r["loss"] - ref["loss"]) <= 1e-12 * abs(ref["loss"])
@@ -72,7 +80,10 @@ def test_layout_matches_single_process(tmp_path_factory, reference, nproc, tp, p
 def test_without_tp_patch_the_answer_is_wrong(tmp_path_factory, reference):
     """Proves the equality tests bite: megatron's unpatched TP autograd gives a silently wrong H v."""
     ranks = run_layout(tmp_path_factory, 2, 2, 1, "--no-patch")
-    err = max_rel_err(assemble(ranks, "exact"), assemble(reference, "exact"))
-    assert err > 1e-2, f"unpatched TP=2 H v unexpectedly matched the reference (err={err:.2e})"
+    if all("refused" in r for r in ranks):  # the untracked-backward guard saw the unpatched cross entropy
+        assert all("mode='fd'" in r["refused"] for r in ranks)
+    else:
+        err = max_rel_err(assemble(ranks, "exact"), assemble(reference, "exact"))
+        assert err > 1e-2, f"unpatched TP=2 H v unexpectedly matched the reference (err={err:.2e})"
     # finite differences need only first derivatives, which megatron gets right unpatched
-    assert max_rel_err(assemble(ranks, "fd"), assemble(reference, "exact")) < 1e-6
+    assert max_rel_err(assemble(ranks, "fd"), assemble(reference, "exact")) < FD_TOL

@@ -1,0 +1,171 @@
+"""The three Hessian-vector product modes of :class:`~lrscale_megatron.curvature.operators.HessianOperator`
+(``exact``: double backward with the first gradient's graph reused; ``fd``: finite differences of
+gradients at substituted parameters; ``jvp``: forward-over-reverse). See the operators module docstring
+for the numerics; these functions read the operator's state and caches.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import torch
+
+from lrscale_megatron.curvature.autodiff import refuse_untracked_backward, second_backward
+from lrscale_megatron.curvature.backend import Vector
+from lrscale_megatron.curvature.evaluation import substituted, upcast_rest
+
+if TYPE_CHECKING:
+    from lrscale_megatron.curvature.operators import HessianOperator
+
+
+def _first_grads(
+    op: HessianOperator, out: torch.Tensor, wrt: list[torch.Tensor]
+) -> list[torch.Tensor | None]:
+    with refuse_untracked_backward([out]):
+        return list(torch.autograd.grad(out, wrt, create_graph=True, allow_unused=True))
+
+
+def _second(
+    op: HessianOperator, g: Sequence[torch.Tensor | None], wrt, vp: Sequence[torch.Tensor], retain: bool
+):
+    # a first gradient that does not require grad is constant in θ (the untracked-backward guard
+    # has ruled out a dropped path), so its block of H v is zero
+    pairs = [(gi, vi) for gi, vi in zip(g, vp) if gi is not None and gi.requires_grad]
+    if not pairs:
+        return [None] * len(wrt)
+    return second_backward([gi for gi, _ in pairs], wrt, [vi for _, vi in pairs], retain_graph=retain)
+
+
+def hvp_exact(op: HessianOperator, v: Vector) -> Vector:
+    n = len(op.microbatches)
+    if op.reuse_graph:
+        graph = _exact_graph(op)
+        acc = None
+        with op._evaluation(None):
+            for _loss, g in graph[1]:
+                vp = [vi.to(w.dtype) for vi, w in zip(v, graph[2])]
+                acc = op._accumulate(acc, _second(op, g, graph[2], vp, retain=True), n)
+        op.last_loss = sum(loss for loss, _ in graph[1]) / n
+        assert acc is not None
+        return op._finish(acc)
+    leaves = op._leaves()
+    wrt = op.params if leaves is None else leaves
+    vp = [vi.to(w.dtype) for vi, w in zip(v, wrt)]
+    acc, total = None, 0.0
+    with op._evaluation(leaves):
+        for mb in op.microbatches:
+            if op.parallel.pp_size > 1:
+                from lrscale_megatron.curvature.pipeline import pipeline_hvp
+
+                loss, hv = pipeline_hvp(op.parallel, op._stage_fn, mb, wrt, vp)
+            else:
+                out = op._stage_fn(mb, None)
+                loss = float(out.detach())
+                g = _first_grads(op, out, wrt)
+                hv = _second(op, g, wrt, vp, retain=False)
+                del out, g
+            total += loss / n
+            acc = op._accumulate(acc, hv, n)
+    op.last_loss = total
+    assert acc is not None
+    return op._finish(acc)
+
+
+def _exact_graph(op: HessianOperator):
+    """The first gradients with their graphs, one per micro-batch, re-taken when a parameter changed."""
+    version = op._params_version()
+    if op._graph is None or op._graph[0] != version:
+        op._graph = None
+        leaves = op._leaves()
+        wrt = op.params if leaves is None else leaves
+        per_mb = []
+        with op._evaluation(leaves):
+            for mb in op.microbatches:
+                out = op._stage_fn(mb, None)
+                per_mb.append((float(out.detach()), _first_grads(op, out, wrt)))
+                del out
+        op.n_grad += 1
+        op._graph = (version, per_mb, wrt)
+    return op._graph
+
+
+def hvp_fd(op: HessianOperator, v: Vector) -> Vector:
+    vnorm = op.backend.norm(v)
+    if not math.isfinite(vnorm):
+        return [torch.full_like(x, float("nan")) for x in v]
+    if vnorm == 0.0:
+        return op.backend.zeros()
+    h = op.fd_eps * max(1.0, _param_norm(op)) / vnorm
+    if op.fd_scheme == "forward":
+        if op._base is None or op._base_version != op._params_version():
+            op._base = None
+            op._base = op.loss_and_grad()
+            op._base_version = op._params_version()
+        gp = _grad_at(op, v, h)
+        for a, b in zip(gp, op._base[1]):
+            a.sub_(b).div_(h)
+        return gp
+    gp = _grad_at(op, v, h)
+    gm = _grad_at(op, v, -h)
+    for a, b in zip(gp, gm):
+        a.sub_(b).div_(2 * h)
+    return gp
+
+
+def _param_norm(op: HessianOperator) -> float:
+    version = op._params_version()
+    if op._theta_norm is None or op._theta_norm[0] != version:
+        with torch.no_grad():
+            sq = op.backend.dot([p.detach() for p in op.params], [p.detach() for p in op.params])
+        op._theta_norm = (version, math.sqrt(max(sq, 0.0)))
+    return op._theta_norm[1]
+
+
+def _grad_at(op: HessianOperator, v: Vector, h: float) -> Vector:
+    if op.upcast:  # bf16/fp16: evaluate at float32 substitutes so that h*v is not rounded away
+        leaves = op._leaves(v, h)
+        try:
+            return op.loss_and_grad(leaves)[1]
+        finally:
+            del leaves
+    # float32/float64 (and any user grad_fn): perturb the parameters in place, restore exactly from a copy
+    version = op._params_version()
+    saved = [p.detach().clone() for p in op.params]
+    try:
+        with torch.no_grad():
+            for p, vi in zip(op.params, v):
+                p.add_(vi.to(p.dtype), alpha=h)
+        _, g = op.loss_and_grad()
+    finally:
+        with torch.no_grad():
+            for p, s in zip(op.params, saved):
+                p.copy_(s)
+        del saved
+    if op._base_version == version:
+        op._base_version = op._params_version()  # the perturbation was undone exactly
+    return g
+
+
+def hvp_jvp(op: HessianOperator, v: Vector) -> Vector:
+    from torch.func import grad, jvp
+
+    names = [n for n, _ in op.named_params]
+    leaves = op._leaves()
+    primals = dict(zip(names, [p.detach() for p in (op.params if leaves is None else leaves)]))
+    tangents = {n: vi.to(primals[n].dtype) for n, vi in zip(names, v)}
+    n_mb = len(op.microbatches)
+    acc = None
+    with op._evaluation(None):
+        rest = upcast_rest(op.model, set(names)) if op.upcast else {}
+        for mb in op.microbatches:
+
+            def loss_of(pdict, mb=mb):
+                with substituted(op.model, {**rest, **pdict}):
+                    return op.loss_fn(op.model, mb)
+
+            hv = jvp(grad(loss_of), (primals,), (tangents,))[1]
+            acc = op._accumulate(acc, [hv[n] for n in names], n_mb)
+    assert acc is not None
+    return op._finish(acc)
