@@ -35,6 +35,9 @@ from typing import Any
 import torch
 
 from lrscale_megatron.curvature.backend import ParamSpec, VectorBackend
+from lrscale_megatron.p2p import default_device as _default_device
+from lrscale_megatron.p2p import recv_tensor as _recv
+from lrscale_megatron.p2p import send_tensor as _send
 
 logger = logging.getLogger(__name__)
 
@@ -377,48 +380,6 @@ def resolve_context(model: torch.nn.Module | None = None) -> ParallelContext:
     if _megatron_initialized():
         return ParallelContext.from_megatron(model)
     return ParallelContext.from_ddp()
-
-
-_DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
-
-
-def _default_device() -> torch.device:
-    """The current CUDA device when the default process group uses NCCL, else the CPU."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized() and dist.get_backend() == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
-
-
-def _send(t: torch.Tensor, dst: int | None, device: torch.device) -> None:
-    """Send a tensor of any shape/dtype: a fixed-size header (dtype, ndim, dims) then the data."""
-    import torch.distributed as dist
-
-    if dst is None:
-        raise RuntimeError("no pipeline neighbour to send to (this is the first/last stage)")
-    t = t.detach().to(device).contiguous()
-    if t.ndim > 8:
-        raise ValueError(f"pipeline activation has {t.ndim} dims; at most 8 are supported")
-    dims = [_DTYPES.index(t.dtype), t.ndim, *t.shape] + [-1] * (8 - t.ndim)
-    header = torch.tensor(dims, dtype=torch.int64, device=device)
-    dist.send(header, dst)
-    dist.send(t, dst)
-
-
-def _recv(src: int | None, device: torch.device) -> torch.Tensor:
-    import torch.distributed as dist
-
-    if src is None:
-        raise RuntimeError("no pipeline neighbour to receive from (this is the first/last stage)")
-    header = torch.empty((10,), dtype=torch.int64, device=device)
-    dist.recv(header, src)
-    h = header.tolist()
-    dtype = _DTYPES[int(h[0])]
-    shape = tuple(int(x) for x in h[2 : 2 + int(h[1])])
-    out = torch.empty(shape, dtype=dtype, device=device)
-    dist.recv(out, src)
-    return out
 
 
 def _layer_offset(model: torch.nn.Module) -> int:

@@ -235,11 +235,13 @@ def test_curvature_core_imports_no_host_integration():
 
 
 def test_every_tensor_for_a_collective_is_created_on_the_context_device():
-    """In parallel.py (the one module that talks to torch.distributed) every tensor factory names a device."""
-    tree = ast.parse((ROOT / "lrscale_megatron" / "parallel.py").read_text())
+    """In parallel.py and p2p.py (the modules that talk to torch.distributed for the curvature core) every
+    tensor factory names a device."""
+    trees = [ast.parse((ROOT / "lrscale_megatron" / f).read_text()) for f in ("parallel.py", "p2p.py")]
     factories = {"tensor", "empty", "zeros", "ones", "full"}
     calls = [
         n
+        for tree in trees
         for n in ast.walk(tree)
         if isinstance(n, ast.Call)
         and isinstance(n.func, ast.Attribute)

@@ -1,0 +1,76 @@
+"""The Adam-preconditioned Hessian ``P^-1/2 H P^-1/2`` (Cohen et al. 2022, "Adaptive gradient methods at
+the edge of stability"): the operator whose top eigenvalue the ``eos`` bound is stated for."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import torch
+
+from lrscale_megatron.curvature.backend import Vector
+
+if TYPE_CHECKING:
+    from lrscale_megatron.curvature.operators import HessianOperator
+
+
+class PreconditionedOperator:
+    """Adam-preconditioned Hessian ``P^-1/2 H P^-1/2`` with ``P = diag(sqrt(v̂) + eps)``.
+
+    ``v̂ = exp_avg_sq / (1 - beta2^step)`` is the optimizer's bias-corrected second moment. Its top
+    eigenvalue is the "preconditioned sharpness" whose stability threshold under Adam with momentum
+    ``beta1`` is ``(2 + 2 beta1) / ((1 - beta1) lr)`` (Cohen et al. 2022).
+
+    Args:
+        op: the Hessian operator.
+        second_moments: per-parameter ``v̂`` tensors (already bias-corrected), in ``op``'s order; or use
+            :meth:`from_optimizer`.
+        eps: Adam's epsilon.
+    """
+
+    def __init__(
+        self, op: HessianOperator, second_moments: Sequence[torch.Tensor], eps: float = 1e-8
+    ) -> None:
+        if len(second_moments) != len(op.params):
+            raise ValueError(
+                f"second_moments has {len(second_moments)} tensors, operator has {len(op.params)}"
+            )
+        self.op = op
+        self.backend = op.backend
+        self.scale = [
+            (torch.sqrt(v.detach().to(op.backend.dtype).clamp_min(0)) + eps).rsqrt() for v in second_moments
+        ]
+        self.n_matvec = 0
+
+    @classmethod
+    def from_optimizer(cls, op: HessianOperator, optimizer: torch.optim.Optimizer) -> PreconditionedOperator:
+        """Read ``exp_avg_sq``, ``step``, ``betas`` and ``eps`` from a torch Adam/AdamW optimizer."""
+        vs: list[torch.Tensor] = []
+        eps = None
+        for p in op.params:
+            group = next((g for g in optimizer.param_groups if any(q is p for q in g["params"])), None)
+            if group is None:
+                raise ValueError("a parameter of the operator is not in the optimizer's param_groups")
+            if "betas" not in group:
+                raise ValueError(
+                    f"optimizer {type(optimizer).__name__} has no 'betas': only Adam-type "
+                    "optimizers have the second moment needed for preconditioning"
+                )
+            eps = group.get("eps", 1e-8)
+            st = optimizer.state.get(p, {})
+            if "exp_avg_sq" not in st:
+                raise ValueError(
+                    "optimizer has no exp_avg_sq for a parameter yet: take at least one "
+                    "optimizer step before measuring the preconditioned spectrum"
+                )
+            step = float(st["step"])
+            beta2 = group["betas"][1]
+            vs.append(st["exp_avg_sq"] / (1 - beta2**step))
+        return cls(op, vs, eps=float(eps if eps is not None else 1e-8))
+
+    def matvec(self, v: Vector) -> Vector:
+        self.n_matvec += 1
+        w = self.op.matvec([vi * s for vi, s in zip(v, self.scale)])
+        return [wi * s for wi, s in zip(w, self.scale)]
+
+    __call__ = matvec
