@@ -31,6 +31,7 @@ __all__ = [
     "curvature_estimator",
     "measure_lambda_max",
     "measurement_memory",
+    "online_estimators",
     "preconditioned_operator",
     "preflight",
     "second_moments",
@@ -149,6 +150,24 @@ def curvature_estimator(
         )
 
     return _broadcast_from_rank0(estimator) if sync else estimator
+
+
+def online_estimators(
+    model: Any,
+    loss_fn: Callable[..., Any],
+    batch: Any,
+    online: OnlineConfig,
+    warmup_steps: int,
+    **kwargs: Any,
+) -> tuple[Estimator, Estimator | None]:
+    """:func:`curvature_estimator` for the schedule's measurements, and a cheaper one (``online.warmup_tol``,
+    preflight not repeated) for its measurements during warmup, or ``None`` when warmup has none or
+    measures at the same tolerance. ``kwargs`` go to both (``sync``, ``parallel``, ``optimizer``, ...)."""
+    estimator = curvature_estimator(model, loss_fn, batch, online, **kwargs)
+    if not (online.warmup_checks and online.warmup_tol != online.tol and warmup_steps > 0):
+        return estimator, None
+    cheap = online.model_copy(update={"tol": online.warmup_tol})  # same settings, looser tolerance
+    return estimator, curvature_estimator(model, loss_fn, batch, cheap, **{**kwargs, "check": False})
 
 
 def _broadcast_from_rank0(estimator: Estimator) -> Estimator:

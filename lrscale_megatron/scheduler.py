@@ -142,20 +142,20 @@ class LRScaleScheduler:
         from megatron ``parallel_state`` or the DDP world); every rank must keep calling ``step()``:
         the measurement is collective.
         """
-        from lrscale_megatron.measurement import curvature_estimator
+        from lrscale_megatron.measurement import online_estimators
 
-        online = self.config.online
         # the DeepSpeed wrapper (ZeRO / bf16) is where v-hat lives; the inner torch optimizer otherwise
         optimizer = getattr(self, "host_optimizer", None) or self.optimizer
-        estimator = curvature_estimator(
-            model, loss_fn, batch, online, sync=sync, parallel=parallel, optimizer=optimizer
+        estimator, warmup = online_estimators(
+            model,
+            loss_fn,
+            batch,
+            self.config.online,
+            self.config.warmup_steps,
+            sync=sync,
+            parallel=parallel,
+            optimizer=optimizer,
         )
-        warmup = None
-        if online.warmup_checks and online.warmup_tol != online.tol and self.config.warmup_steps > 0:
-            cheap = online.model_copy(update={"tol": online.warmup_tol})  # same settings, looser tolerance
-            warmup = curvature_estimator(
-                model, loss_fn, batch, cheap, sync=sync, parallel=parallel, optimizer=optimizer, check=False
-            )
         self.attach_estimator(estimator, param_groups, warmup_estimator=warmup)
 
     def attach_estimator(

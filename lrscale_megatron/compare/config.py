@@ -27,7 +27,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 from pydantic import BeforeValidator, Field, field_validator, model_validator
 
@@ -42,17 +42,6 @@ from lrscale_megatron.compare.arm_config import (
 )
 
 #: Every arm the job knows, in the order it runs them (``cosine`` first: the target may derive from it).
-ARM_NAMES: tuple[str, ...] = (
-    "cosine",
-    "inverse_sqrt",
-    "lrscale_offline",
-    "lrscale_online",
-    "steplaw_formula",
-    "schedulefree",
-    "prodigy",
-    "cosine_grid_best",
-)
-REQUIRED_ARMS: tuple[str, ...] = ARM_NAMES[:4]
 ArmName = Literal[
     "cosine",
     "inverse_sqrt",
@@ -63,6 +52,8 @@ ArmName = Literal[
     "prodigy",
     "cosine_grid_best",
 ]
+ARM_NAMES: tuple[str, ...] = get_args(ArmName)
+REQUIRED_ARMS: tuple[str, ...] = ARM_NAMES[:4]
 #: Training keys the compare config owns (one path per setting): set them here, not in ``overrides``.
 OWNED_KEYS = ("training.steps", "training.lr", "training.seed", "training.eval_every", "deepspeed")
 

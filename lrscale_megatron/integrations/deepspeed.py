@@ -85,7 +85,7 @@ def attach_curvature(
     ``param_groups``: the model parameters of each optimizer group, for ``online.per_group`` (under ZeRO
     the optimizer's own groups hold flat partitions).
     """
-    from lrscale_megatron.measurement import curvature_estimator
+    from lrscale_megatron.measurement import online_estimators
     from lrscale_megatron.parallel import ParallelContext
     from lrscale_megatron.preflight import check_layout
 
@@ -98,18 +98,19 @@ def attach_curvature(
         )
     check_layout(engine.module, config.online.hvp, engine=engine)  # ZeRO-3 etc. refused before anything else
     ctx = parallel if parallel is not None else ParallelContext.from_deepspeed(engine, engine.module)
-    estimator = curvature_estimator(
+    estimator, warmup = online_estimators(
         engine.module,
         loss_fn,
         batch,
         config.online,
+        config.warmup_steps,
         sync=sync,
         parallel=ctx,
         optimizer=engine.optimizer,
         engine=engine,
         reserve_bytes=reserve_bytes,
     )
-    sched.attach_estimator(estimator, param_groups)
+    sched.attach_estimator(estimator, param_groups, warmup_estimator=warmup)
 
 
 def register() -> None:

@@ -18,7 +18,7 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
 from lrscale_megatron.adapter import Estimate
 from lrscale_megatron.integrations.megatron_args import DECAY_STYLE_NAME
-from lrscale_megatron.measurement import curvature_estimator
+from lrscale_megatron.measurement import online_estimators
 from lrscale_megatron.schedule import lr_at
 from lrscale_megatron.scheduler import LRScaleConfig, LRScaleCore
 
@@ -120,13 +120,16 @@ class LRScaleParamScheduler(OptimizerParamScheduler):
     ) -> None:
         """Same as :meth:`LRScaleScheduler.attach_curvature`; ``param_groups`` is required for per-group
         mode (a ``MegatronOptimizer`` holds main-parameter copies, not the model's parameters)."""
-        online = self.lrscale_config.online
-        kw: dict[str, Any] = {"sync": sync, "parallel": parallel, "optimizer": self.optimizer}
-        estimator = curvature_estimator(model, loss_fn, batch, online, **kw)
-        warmup = None
-        if online.warmup_checks and online.warmup_tol != online.tol and self.lrscale_config.warmup_steps > 0:
-            cheap = online.model_copy(update={"tol": online.warmup_tol})  # same settings, looser tolerance
-            warmup = curvature_estimator(model, loss_fn, batch, cheap, check=False, **kw)
+        estimator, warmup = online_estimators(
+            model,
+            loss_fn,
+            batch,
+            self.lrscale_config.online,
+            self.lrscale_config.warmup_steps,
+            sync=sync,
+            parallel=parallel,
+            optimizer=self.optimizer,
+        )
         self.attach_estimator(estimator, param_groups, warmup_estimator=warmup)
 
     def attach_estimator(

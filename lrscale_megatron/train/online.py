@@ -23,7 +23,7 @@ def attach_online(engine: Any, cfg: TrainConfig, ctx: ParallelContext, data: Any
     if config is None or not hasattr(sched, "attach_estimator") or not config.online.enabled:
         return False
     from lrscale_megatron.data import get_batch
-    from lrscale_megatron.measurement import curvature_estimator
+    from lrscale_megatron.measurement import online_estimators
     from lrscale_megatron.models.gpt import gpt_loss_fn
     from lrscale_megatron.train.dryrun import GIB, memory_estimate
     from lrscale_megatron.train.setup import param_groups
@@ -34,11 +34,13 @@ def attach_online(engine: Any, cfg: TrainConfig, ctx: ParallelContext, data: Any
     held = [to_device(m) for m in held]
     activations = int(memory_estimate(cfg, ctx.dp_size)["activations"] * GIB)
     # every rank measures together (the products are collective), so no rank-0 broadcast is needed
-    estimator = curvature_estimator(
+    online = config.online
+    estimator, warmup = online_estimators(
         engine.module,
         gpt_loss_fn,
         held,
-        config.online,
+        online,
+        config.warmup_steps,
         sync=False,
         parallel=ctx,
         optimizer=engine.optimizer,
@@ -48,20 +50,5 @@ def attach_online(engine: Any, cfg: TrainConfig, ctx: ParallelContext, data: Any
     # per-group mode: the model parameters of each optimizer group (under ZeRO the optimizer's own
     # groups hold flat partitions, not parameters)
     groups = [g["params"] for g in param_groups(engine.module) if g["params"]]
-    online = config.online
-    warmup = None
-    if online.warmup_checks and online.warmup_tol != online.tol and config.warmup_steps > 0:
-        cheap = online.model_copy(update={"tol": online.warmup_tol})  # same settings, looser tolerance
-        warmup = curvature_estimator(
-            engine.module,
-            gpt_loss_fn,
-            held,
-            cheap,
-            sync=False,
-            parallel=ctx,
-            optimizer=engine.optimizer,
-            engine=engine,
-            check=False,
-        )
     sched.attach_estimator(estimator, groups if online.per_group else None, warmup_estimator=warmup)
     return True

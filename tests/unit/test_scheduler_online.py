@@ -257,8 +257,8 @@ def test_real_hessian_operator_gauge_cuts_a_divergent_lr():
             eta_base=2.0,
             precondition=False,
             combine="min",
-            tol=1e-8,
-            warmup_tol=1e-8,
+            tol=1e-5,  # float32 products: the true-residual check cannot pass far below ~1e-6
+            warmup_tol=1e-5,
         ),
     )
     sched.attach_curvature(model, quad_loss, a)
@@ -267,10 +267,10 @@ def test_real_hessian_operator_gauge_cuts_a_divergent_lr():
     lrs = _train(sched, model, a, 30)
     h = sched.history
     assert all(x["accepted"] for x in h), h
-    assert [x["lambda_max"] for x in h] == pytest.approx([LAMBDA] * len(h), rel=1e-6)
+    assert [x["lambda_max"] for x in h] == pytest.approx([LAMBDA] * len(h), rel=1e-4)
     cut = next(x for x in h if x["action"] == "cut")
-    assert cut["gauge"] == pytest.approx(LAMBDA * cut["lr"] / 2.0, rel=1e-6) and cut["gauge"] > 2.0
-    assert lrs[-1] == pytest.approx(0.5 * 2.0 / LAMBDA, rel=1e-6)  # g = safety after the cut
+    assert cut["gauge"] == pytest.approx(LAMBDA * cut["lr"] / 2.0, rel=1e-4) and cut["gauge"] > 2.0
+    assert lrs[-1] == pytest.approx(0.5 * 2.0 / LAMBDA, rel=1e-4)  # g = safety after the cut
     assert all(x["action"] == "hold" for x in h[h.index(cut) + 1 :])  # no ratchet at the new LR
     assert float(quad_loss(model, a)) < after_cut / 10  # converging, not diverging
 
