@@ -24,6 +24,10 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+_ENV_SET: dict[str, str] = {}
+"""Environment variables :func:`init_process_group` set itself (removed again by :func:`shutdown`)."""
+
+
 def init_process_group(backend: str | None = None) -> None:
     """``torch.distributed.init_process_group`` from torchrun/DeepSpeed env vars, or a 1-process group."""
     import torch.distributed as dist
@@ -33,9 +37,13 @@ def init_process_group(backend: str | None = None) -> None:
     if backend is None:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(free_port()))
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+        # a one-process group: remember what we set, so shutdown() leaves the environment as it was
+        # (a child process started later must not inherit a port this process still listens on)
+        mine = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
+        mine = {k: v for k, v in mine.items() if k not in os.environ}
+        mine.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+        _ENV_SET.update(mine)
+        os.environ.update(mine)
     if backend == "nccl":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     dist.init_process_group(backend)
@@ -79,3 +87,11 @@ def shutdown() -> None:
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+    if not torch.cuda.is_available():
+        from lrscale_megatron.integrations import megatron_cpu
+
+        megatron_cpu.disable()  # init_megatron installed them; restore torch.cuda for whatever runs next
+    for k, v in list(_ENV_SET.items()):
+        if os.environ.get(k) == v:
+            del os.environ[k]
+    _ENV_SET.clear()

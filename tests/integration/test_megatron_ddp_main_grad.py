@@ -42,10 +42,12 @@ def test_schedule_gradients_under_megatron_ddp_read_main_grad(setup):
     loss, grads = grad_fn()
     ref = HessianOperator(model, gpt_loss_fn, micro, mode="exact", parallel=ctx)
     ref_loss, ref_grads = ref.loss_and_grad()
-    assert loss == pytest.approx(ref_loss, rel=1e-12)
+    # megatron's own (non-patched) vocab-parallel cross entropy runs in float32 in the schedule; the
+    # reference is the float64 operator: agreement to float32 round-off
+    assert loss == pytest.approx(ref_loss, rel=1e-6)
     assert sum(float(g.norm()) for g in grads) > 0  # p.grad would have given all zeros
     for g, r in zip(grads, ref_grads):
-        torch.testing.assert_close(g.to(torch.float64), r, rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(g.to(torch.float64), r, rtol=1e-4, atol=1e-7)
     assert all(p.grad is None for p in params)  # nothing left behind for the training step
     assert all(float(p.main_grad.abs().sum()) == 0 for p in params)  # the grad buffer is zeroed again
     # the model config's sync hooks are restored
@@ -62,4 +64,4 @@ def test_fd_products_through_ddp_schedule_equal_exact(setup):
     v = exact.backend.randn(3)
     hv_fd, hv = fd.matvec(v), exact.matvec(v)
     rel = max(float((a - b).norm() / b.norm()) for a, b in zip(hv_fd, hv) if float(b.norm()) > 0)
-    assert rel < 1e-5
+    assert rel < 5e-3  # float32 cross entropy in the schedule (see above); p.grad gave zeros: rel = 1
