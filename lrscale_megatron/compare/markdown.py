@@ -27,13 +27,23 @@ def _corpora(rep: dict[str, Any]) -> tuple[str, str]:
     return str(c.get("train") or "a data prefix"), str(c.get("held_out") or "none").upper()
 
 
+def _lambada_sentence(rep: dict[str, Any]) -> str:
+    lam = rep.get("lambada")
+    if not lam:
+        return " No last-word metric (the runs were trained with `data.lambada_passages` = 0)."
+    return (
+        f" Last-word acc: LAMBADA-style greedy accuracy on {lam['n']} held-out passages from "
+        f"{lam['source']} (the word counts when the argmax reproduces all its tokens)."
+    )
+
+
 def time_to_target_table(rep: dict[str, Any]) -> str:
     """The headline table (also printed by the CLI)."""
     on_gpu = rep["machine"]["device"] == "cuda"
     lines = [
         "| arm | peak LR | reached | steps to target | wall to target (s) | tokens to target | GPU-h | energy (J) "
-        "| final val loss (equal steps) | held-out ppl |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| final val loss (equal steps) | held-out ppl | last-word acc |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for a in rep["arms"]:
         st = a["stats"]
@@ -42,7 +52,8 @@ def time_to_target_table(rep: dict[str, Any]) -> str:
             f"| {_pm(st['wall_to_target_s'], '{:.1f}')} | {_f(a['tokens_to_target'], '{:.3g}')} "
             f"| {_f(a['gpu_hours_to_target'], '{:.3g}') if on_gpu else 'n/a (CPU)'} "
             f"| {_f(a['energy_to_target_j'], '{:.3g}') if a['energy_to_target_j'] is not None else 'unavailable'} "
-            f"| {_pm(st['final_val_loss'], '{:.4f}')} | {_pm(st['shift_ppl'], '{:.2f}')} |"
+            f"| {_pm(st['final_val_loss'], '{:.4f}')} | {_pm(st['shift_ppl'], '{:.2f}')} "
+            f"| {_pm(st['lambada_acc'], '{:.3f}')} |"
         )
     return "\n".join(lines)
 
@@ -100,7 +111,7 @@ def render_markdown(rep: dict[str, Any], plots: list[str]) -> str:
         f"{_pm(m['load_avg_1min_over_runs'], '{:.2f}') if m['load_avg_1min_over_runs']['n'] else 'not recorded'}.",
         f"Train config `{cfg['train_config']}` (overrides {cfg['overrides'] or 'none'}), {rep['steps']} "
         f"iterations per run, seeds {rep['seeds']}, validation every {cfg['eval_every']} iterations. "
-        f"Trained on {_corpora(rep)[0]}; held-out corpus {_corpora(rep)[1]}.",
+        f"Trained on {_corpora(rep)[0]}; held-out corpus {_corpora(rep)[1]}." + _lambada_sentence(rep),
         "",
         f"**Target validation loss: {rep['target_loss']:.4f}** ({rep['target_rule']}).",
         "",

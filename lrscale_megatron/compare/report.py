@@ -136,6 +136,19 @@ def held_out_corpus(data: dict[str, Any]) -> str | None:
     return None if shift in (None, "none") else str(shift)
 
 
+def _lambada_setup(all_runs: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """Passage count and source of the last-word metric (``None`` when no run scored it)."""
+    scored = [r["lambada"] for r in all_runs if r.get("lambada")]
+    if not scored:
+        return None
+    return {
+        "n": scored[0]["n"],
+        "source": scored[0]["source"],
+        "runs_scored": len(scored),
+        "runs": len(all_runs),
+    }
+
+
 def build_report(runs: CompareRuns) -> dict[str, Any]:
     """The whole ``report.json`` content."""
     cfg = runs.config
@@ -183,6 +196,7 @@ def build_report(runs: CompareRuns) -> dict[str, Any]:
         "offline_peak": runs.peak.to_dict(),
         "steplaw_peak": runs.peaks["steplaw"].to_dict() if "steplaw" in runs.peaks else None,
         "corpora": {"train": data.get("corpus"), "held_out": held_out_corpus(data)},
+        "lambada": _lambada_setup(all_runs),
         "target_loss": target,
         "target_rule": cfg.target.describe(),
         "steps": steps,
@@ -202,6 +216,8 @@ def build_report(runs: CompareRuns) -> dict[str, Any]:
             "energy_j": "joules from NVML; null when unavailable (CPU), never 0",
             "loss": "nats/token",
             "shift_ppl": "exp(validation loss) on the held-out corpus (data.shift)",
+            "lambada_acc": "share of held-out passages whose last word the greedy model reproduces",
+            "lambada_word_nll": "nats per last word",
         },
     }
 

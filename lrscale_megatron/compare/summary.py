@@ -10,7 +10,10 @@ and the online arm's measurement overhead. Pure functions of the saved run resul
 * equal compute: every arm trains the same ``steps`` on the same batches; ``final_val_loss`` is the
   validation loss after the last step;
 * held-out corpus: ``shift_ppl = exp(shift_loss)`` on the other shipped corpus (``data.shift``: KJV when
-  training on Shakespeare).
+  training on Shakespeare);
+* downstream: ``lambada_acc``, LAMBADA-style greedy last-word accuracy on held-out passages
+  (:mod:`lrscale_megatron.train.downstream`), and ``lambada_word_nll`` (nats per word); ``null`` for a
+  run trained without it (``data.lambada_passages = 0``, or a result saved before it existed).
 """
 
 from __future__ import annotations
@@ -28,6 +31,8 @@ PER_SEED_STATS = (
     "final_val_loss",
     "shift_loss",
     "shift_ppl",
+    "lambada_acc",
+    "lambada_word_nll",
     "wall_s",
 )
 
@@ -66,6 +71,7 @@ def seed_row(res: dict[str, Any], target: float, on_gpu: bool) -> dict[str, Any]
     procs = int(res.get("layout", {}).get("world_size", 1))
     energy = res.get("energy_j")
     shift = res.get("shift_loss")
+    lam = res.get("lambada")
     adapt = [a for a in res.get("adaptations", []) if a.get("accepted")]
     return {
         "seed": res["spec"]["seed"],
@@ -84,6 +90,8 @@ def seed_row(res: dict[str, Any], target: float, on_gpu: bool) -> dict[str, Any]
         "final_val_loss": res["final_val_loss"],
         "shift_loss": shift,
         "shift_ppl": math.exp(shift) if shift is not None else None,
+        "lambada_acc": lam["accuracy"] if lam else None,
+        "lambada_word_nll": lam["word_nll"] if lam else None,
         "steps": res["steps"],
         "tokens": res["tokens"],
         "wall_s": res["wall_s"],
@@ -109,6 +117,7 @@ def arm_entry(name: str, schedule: str, rows: list[dict[str, Any]]) -> dict[str,
         "energy_to_target_j": mean_if_all([r["energy_to_target_j"] for r in rows]),
         "final_val_loss": spread([r["final_val_loss"] for r in rows])["mean"],
         "shift_ppl": spread([r["shift_ppl"] for r in rows])["mean"],
+        "lambada_acc": spread([r["lambada_acc"] for r in rows])["mean"],
         "stats": {k: spread([r[k] for r in rows]) for k in PER_SEED_STATS},
         "per_seed": rows,
     }

@@ -117,6 +117,8 @@ def train_config_dict(point: dict[str, Any], settings: GPTSweepSettings) -> tupl
     if gbs % mbs:
         mbs = math.gcd(gbs, mbs)
     raw = copy.deepcopy(raw)
+    # the law reads validation losses only: no last-word passages per point unless the base config asks
+    raw.setdefault("data", {}).setdefault("lambada_passages", 0)
     model = raw.setdefault("model", {})
     model.update(
         name=f"sweep-w{width}-d{depth}",

@@ -136,7 +136,37 @@ class TrainConfig(ConfigModel):
         if p.world_size is not None:
             self.check_batch(p.resolve_dp(p.world_size))
         self._check_deepspeed()
+        self._check_lambada()
         return self
+
+    def _check_lambada(self) -> None:
+        d = self.data
+        if d.lambada_passages and d.corpus is None:
+            raise ConfigError(
+                "data.lambada_passages",
+                d.lambada_passages,
+                "needs raw text, but the data are megatron prefixes (no shipped corpus)",
+                "set data.lambada_passages to 0 or null, or train on a shipped corpus",
+            )
+        if d.lambada_passages and self.parallel.pp > 1:
+            raise ConfigError(
+                "data.lambada_passages",
+                d.lambada_passages,
+                f"is scored on one model replica's logits, not with parallel.pp={self.parallel.pp}",
+                "set data.lambada_passages to 0 or null (off under pipeline parallelism)",
+            )
+        if d.lambada_source == "shift" and d.shift is None and self.lambada_passages:
+            raise ConfigError(
+                "data.lambada_source", "shift", "there is no shift corpus (data.shift is null)", "use 'valid'"
+            )
+
+    @property
+    def lambada_passages(self) -> int:
+        """Passages to score at the end (0: none): ``data.lambada_passages`` with ``null`` resolved."""
+        d = self.data
+        if d.lambada_passages is not None:
+            return d.lambada_passages
+        return 64 if d.corpus is not None and self.parallel.pp == 1 else 0
 
     def _check_deepspeed(self) -> None:
         ds, p = self.deepspeed, self.parallel

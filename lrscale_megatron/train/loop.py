@@ -295,6 +295,13 @@ def train(cfg: TrainConfig) -> TrainResult:
         energy = _sum_energy(reading.energy_j if reading.available else None)
         final_val = evaluate(engine.module, data.valid, cfg, ctx)
         shift = evaluate(engine.module, data.shift, cfg, ctx) if data.shift is not None else None
+        lambada = None
+        if data.lambada:
+            from lrscale_megatron.train.downstream import last_word_accuracy
+
+            with _cpu_mode():
+                lambada = last_word_accuracy(engine.module, data.lambada, tp_size=ctx.tp_size)
+            lambada["source"] = data.lambada_source
         adaptations = tuple(dict(h) for h in (getattr(engine.lr_scheduler, "history", []) or []))
     finally:
         writer.close()
@@ -303,9 +310,10 @@ def train(cfg: TrainConfig) -> TrainResult:
     ran = t.steps - start
     tps = ran * tokens_per_step / call_wall if call_wall > 0 else 0.0
     logger.info(
-        "done: final val %.6f%s, %.0f tok/s",
+        "done: final val %.6f%s%s, %.0f tok/s",
         final_val,
         f", shift {shift:.6f}" if shift is not None else "",
+        f", last-word acc {lambada['accuracy']:.3f} ({lambada['n']} passages)" if lambada else "",
         tps,
     )
     return TrainResult(
@@ -324,6 +332,7 @@ def train(cfg: TrainConfig) -> TrainResult:
         adaptations=adaptations,
         checkpoint=last_ckpt,
         config=cfg.to_dict(),
+        lambada=lambada,
     )
 
 

@@ -49,6 +49,8 @@ class TrainResult:
         scheduler: the DeepSpeed scheduler type (``"LRScale"``, ``"WarmupCosineLR"``, ...) or ``None``.
         adaptations: LRScale online decisions (``scheduler.history``), empty otherwise.
         checkpoint: the last checkpoint written, ``None`` if none.
+        lambada: LAMBADA-style last-word figures at the end (``accuracy``, ``n``, ``word_nll``,
+            ``source``; :mod:`.downstream`), ``None`` when ``data.lambada_passages`` is off.
         config: the validated config as a dict (``deepspeed`` as given, before ``"auto"`` filling).
     """
 
@@ -67,6 +69,7 @@ class TrainResult:
     adaptations: tuple[dict[str, Any], ...] = ()
     checkpoint: str | None = None
     config: dict[str, Any] = field(default_factory=dict)
+    lambada: dict[str, Any] | None = None
 
     @property
     def losses(self) -> list[float]:

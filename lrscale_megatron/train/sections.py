@@ -153,11 +153,21 @@ class DataConfig(Section):
     """End-of-document id for prefixes (GPT-2 BPE: 50256)."""
     seed: int = at_least(0, "give an integer >= 0", default=1234)
     """Megatron's dataset shuffle seed."""
+    lambada_passages: int | None = at_least(0, "give a count, 0 (off) or null (auto)", default=None)
+    """LAMBADA-style last-word passages scored at the end of the run (:mod:`lrscale_megatron.data.lambada`);
+    ``null``: 64 where they can be scored (a shipped ``corpus``, ``parallel.pp == 1``), else off; 0: off."""
+    lambada_source: Literal["valid", "shift"] = "valid"
+    """Where the passages come from: the held-out works of ``corpus`` or the whole ``shift`` corpus."""
 
     @field_validator("tokenizer", mode="before")
     @classmethod
     def _tokenizer(cls, v: Any) -> Any:
         return one_of("tokenizer", v, ("byte", "bpe"), "tokenizer")
+
+    @field_validator("lambada_source", mode="before")
+    @classmethod
+    def _lambada_source(cls, v: Any) -> Any:
+        return one_of("lambada_source", v, ("valid", "shift"), "passage source")
 
     @model_validator(mode="after")
     def _source(self) -> DataConfig:

@@ -112,6 +112,9 @@ class Data:
     valid: Any
     shift: Any
     vocab_size: int
+    lambada: list[Any] | None = None
+    """Encoded LAMBADA-style passages (:mod:`.downstream`), ``None`` when off."""
+    lambada_source: str | None = None
 
 
 def build_data(cfg: TrainConfig, ctx: ParallelContext) -> Data:
@@ -162,7 +165,14 @@ def build_data(cfg: TrainConfig, ctx: ParallelContext) -> Data:
         seed=d.seed,
         prefix_shift=prefixes[2],
     )
-    return Data(train=sets.train, valid=sets.valid, shift=sets.shift, vocab_size=tok.vocab_size)
+    data = Data(train=sets.train, valid=sets.valid, shift=sets.shift, vocab_size=tok.vocab_size)
+    if cfg.lambada_passages and d.corpus is not None:
+        from lrscale_megatron.train.downstream import held_out_passages
+
+        data.lambada, data.lambada_source = held_out_passages(
+            prepared, d.lambada_source, cfg.lambada_passages, cfg.model.seq_length, d.tokenizer == "byte"
+        )
+    return data
 
 
 def to_device(mb: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

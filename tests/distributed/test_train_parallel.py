@@ -65,6 +65,10 @@ def test_tp2_follows_single_process(reference, tmp_path):
     got = _run(tmp_path, "tp2", 2, "parallel.tp=2")
     assert got["layout"] == {"tp": 2, "pp": 1, "dp": 1, "world_size": 2}
     _assert_same_curve(reference, got)
+    # the last-word metric gathers the vocabulary-parallel logits: same words, same NLL as one process
+    assert got["lambada"]["n"] == reference["lambada"]["n"] > 0
+    assert got["lambada"]["accuracy"] == reference["lambada"]["accuracy"]
+    assert got["lambada"]["word_nll"] == pytest.approx(reference["lambada"]["word_nll"], rel=1e-5)
 
 
 @pytest.fixture(scope="module")
@@ -79,6 +83,7 @@ def test_pp2_follows_single_process(reference, pp2):
     got = pp2[0]
     assert got["layout"] == {"tp": 1, "pp": 2, "dp": 1, "world_size": 2}
     _assert_same_curve(reference, got)
+    assert got["lambada"] is None  # auto: off under pipeline parallelism (explicit counts are refused)
 
 
 def test_pp2_resume_is_exact(pp2):

@@ -84,6 +84,10 @@ def test_compare_writes_report_with_all_arms(tmp_path: Path) -> None:
                 assert before <= row["steps_to_target"] <= first, (a["name"], row["seed"])
             # training learns: the final loss is below a uniform guess over the byte vocabulary
             assert row["final_val_loss"] < math.log(264), (a["name"], row["final_val_loss"])
+            # the downstream metric is in every row
+            assert 0.0 <= row["lambada_acc"] <= 1.0 and row["lambada_word_nll"] > 0.0
+    assert rep["lambada"]["n"] > 0 and rep["lambada"]["runs_scored"] == rep["lambada"]["runs"]
+    assert "last-word acc" in (out / "report.md").read_text()
     # the Step Law arm trains at the published formula 1.79 N^-0.713 D^0.307 (N = cpu-tiny's 100,096
     # non-embedding parameters, D = 16 iterations x 8 sequences x 64 tokens)
     n, d = 100_096, 16 * 8 * 64

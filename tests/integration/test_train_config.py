@@ -123,6 +123,10 @@ def _raw(**changes) -> dict:
         ),
         ({"data__tokenizer": "wordpiece"}, "data.tokenizer", "unknown tokenizer"),
         ({"model__vocab_size": 200}, "model.vocab_size", "258"),
+        ({"data__lambada_passages": 8, "parallel__pp": 2}, "data.lambada_passages", "parallel.pp=2"),
+        ({"data__lambada_passages": -1}, "data.lambada_passages", "0 (off) or null"),
+        ({"data__lambada_source": "test"}, "data.lambada_source", "unknown passage source"),
+        ({"data__lambada_source": "shift", "data__shift": None}, "data.lambada_source", "no shift corpus"),
     ],
 )
 def test_bad_config_names_the_field(changes, field, words):
@@ -168,3 +172,16 @@ def test_cli_reports_config_errors(tmp_path):
     )
     assert proc.returncode == 2
     assert "parallel.tp=3" in proc.stderr or "parallel=" in proc.stderr
+
+
+def test_lambada_passages_auto_resolves_to_off_where_they_cannot_be_scored():
+    assert config_from_dict(_raw()).lambada_passages == 64
+    assert config_from_dict(_raw(parallel__pp=2)).lambada_passages == 0  # auto: off, not refused
+    assert config_from_dict(_raw(data__lambada_passages=0)).lambada_passages == 0
+    prefixes = _raw(
+        data__corpus=None, data__train_prefix="/x/train", data__valid_prefix="/x/valid", data__eod=0
+    )
+    assert config_from_dict(prefixes).lambada_passages == 0
+    prefixes["data"]["lambada_passages"] = 4
+    with pytest.raises(ConfigError, match="raw text"):
+        config_from_dict(prefixes)

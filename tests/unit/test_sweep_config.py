@@ -28,6 +28,7 @@ def test_shipped_sweep_configs_map_to_valid_train_configs(name):
         assert t.global_batch_size * m.seq_length == p["batch_tokens"]
         assert t.steps * p["batch_tokens"] == p["tokens"] and t.lr == p["lr"]
         assert cfg.data.tokenizer == "byte" and cfg.checkpoint.dir is None
+        assert cfg.lambada_passages == 0  # sweep points feed the law: no last-word scoring per point
 
 
 def test_cpu_sweep_covers_the_required_design():
