@@ -336,7 +336,9 @@ def run_sweep(
         if progress:
             from tqdm import tqdm
 
-            bar = tqdm(total=len(unique), initial=skipped, desc="sweep", unit="run")
+            # a bar on a terminal; in a log file (no TTY) one log line per finished run instead of
+            # carriage-return redraws
+            bar = tqdm(total=len(unique), initial=skipped, desc="sweep", unit="run", disable=None)
         if workers == 1 or len(pending) <= 1:
             if bar is not None:
                 bar.close()
@@ -350,6 +352,7 @@ def run_sweep(
             ]
             for p in procs:
                 p.start()
+            logged = skipped
             while any(p.is_alive() for p in procs):
                 time.sleep(0.2)
                 if bar is not None:
@@ -358,7 +361,11 @@ def run_sweep(
                         for r in unique
                         if (run := store.get(r)) is not None and run.state in ("finished", "failed")
                     )
-                    bar.update(n - bar.n)
+                    if bar.disable and n != logged:
+                        logger.info("sweep: %d/%d runs done", n, len(unique))
+                        logged = n
+                    elif not bar.disable:
+                        bar.update(n - bar.n)
             for p in procs:
                 p.join()
             if bar is not None:

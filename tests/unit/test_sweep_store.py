@@ -130,3 +130,12 @@ def test_sigkill_mid_run_then_restart_loses_and_duplicates_nothing(tmp_path):
     store.close()
     starts = log.read_text().split()
     assert len(starts) == 8 + 1  # each run started once, the interrupted one twice
+
+
+def test_progress_without_a_terminal_is_log_lines_not_redraws(tmp_path, caplog, capsys):
+    caplog.set_level("INFO", logger="lrscale_megatron.sweep.runner")
+    s = run_sweep(tmp_path / "s.db", GRID.expand()[:4], synthetic_train_fn, workers=2, progress=True)
+    assert s.finished == 4
+    assert "\r" not in capsys.readouterr().err  # pytest's stderr is no TTY: tqdm stays silent
+    done = [r.getMessage() for r in caplog.records if "runs done" in r.getMessage()]
+    assert done and done[-1] == "sweep: 4/4 runs done"
