@@ -33,7 +33,8 @@ def _lambada_sentence(rep: dict[str, Any]) -> str:
         return " No last-word metric (the runs were trained with `data.lambada_passages` = 0)."
     return (
         f" Last-word acc: LAMBADA-style greedy accuracy on {lam['n']} held-out passages from "
-        f"{lam['source']} (the word counts when the argmax reproduces all its tokens)."
+        f"{lam['source']} (the word counts when the argmax reproduces all its tokens); last-word NLL: "
+        "the word's negative log-likelihood in nats, which still ranks models too small to get words right."
     )
 
 
@@ -42,8 +43,8 @@ def time_to_target_table(rep: dict[str, Any]) -> str:
     on_gpu = rep["machine"]["device"] == "cuda"
     lines = [
         "| arm | peak LR | reached | steps to target | wall to target (s) | tokens to target | GPU-h | energy (J) "
-        "| final val loss (equal steps) | held-out ppl | last-word acc |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| final val loss (equal steps) | held-out ppl | last-word acc | last-word NLL |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for a in rep["arms"]:
         st = a["stats"]
@@ -53,7 +54,7 @@ def time_to_target_table(rep: dict[str, Any]) -> str:
             f"| {_f(a['gpu_hours_to_target'], '{:.3g}') if on_gpu else 'n/a (CPU)'} "
             f"| {_f(a['energy_to_target_j'], '{:.3g}') if a['energy_to_target_j'] is not None else 'unavailable'} "
             f"| {_pm(st['final_val_loss'], '{:.4f}')} | {_pm(st['shift_ppl'], '{:.2f}')} "
-            f"| {_pm(st['lambada_acc'], '{:.3f}')} |"
+            f"| {_pm(st['lambada_acc'], '{:.3f}')} | {_pm(st['lambada_word_nll'], '{:.2f}')} |"
         )
     return "\n".join(lines)
 

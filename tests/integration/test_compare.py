@@ -87,7 +87,8 @@ def test_compare_writes_report_with_all_arms(tmp_path: Path) -> None:
             # the downstream metric is in every row
             assert 0.0 <= row["lambada_acc"] <= 1.0 and row["lambada_word_nll"] > 0.0
     assert rep["lambada"]["n"] > 0 and rep["lambada"]["runs_scored"] == rep["lambada"]["runs"]
-    assert "last-word acc" in (out / "report.md").read_text()
+    md = (out / "report.md").read_text()
+    assert "last-word acc" in md and "last-word NLL" in md
     # the Step Law arm trains at the published formula 1.79 N^-0.713 D^0.307 (N = cpu-tiny's 100,096
     # non-embedding parameters, D = 16 iterations x 8 sequences x 64 tokens)
     n, d = 100_096, 16 * 8 * 64
