@@ -3,18 +3,15 @@ restarted loses nothing and duplicates nothing (configs/sweep/ci-tiny.json: 4 ru
 
 from __future__ import annotations
 
-import os
-import signal
-import sqlite3
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from lrscale_megatron.sweep.cli import load_sweep_config
 from lrscale_megatron.sweep.store import SweepStore, run_id
+from tests.integration._kill import kill_mid_run
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIG = ROOT / "configs" / "sweep" / "ci-tiny.json"
@@ -31,41 +28,14 @@ def _sweep(store: Path) -> subprocess.Popen:
     )
 
 
-def _states(store: Path) -> dict[str, int]:
-    if not store.exists():
-        return {}
-    db = sqlite3.connect(store, timeout=30)
-    try:
-        return dict(db.execute("SELECT state, COUNT(*) FROM runs GROUP BY state").fetchall())
-    except sqlite3.OperationalError:  # tables not created yet
-        return {}
-    finally:
-        db.close()
-
-
 @pytest.mark.timeout(240)
 def test_real_sweep_sigkill_mid_run_loses_and_duplicates_nothing(tmp_path):
     store = tmp_path / "ci.sqlite"
     configs = load_sweep_config(CONFIG).grid.expand()
     n_steps = {run_id(c): c["tokens"] // c["batch_tokens"] for c in configs}
     proc = _sweep(store)
-    deadline = time.monotonic() + 150
     # kill while a run is in flight and at least one run has finished before it
-    while time.monotonic() < deadline:
-        s = _states(store)
-        if s.get("finished", 0) >= 1 and s.get("running", 0) == 1:
-            break
-        if proc.poll() is not None:
-            pytest.fail(f"sweep exited early (rc {proc.returncode}): {proc.stderr.read().decode()[-2000:]}")
-        time.sleep(0.05)
-    else:
-        proc.kill()
-        pytest.fail("no run finished within 150 s")
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    before = {r.run_id: r for r in SweepStore(store).runs()}
-    killed = [r for r in before.values() if r.state == "running"]
-    done_before = {rid: r.finished_at for rid, r in before.items() if r.state == "finished"}
+    killed, done_before = kill_mid_run(proc, store, min_finished=1, within_s=150)
     assert len(killed) == 1 and done_before
 
     proc = _sweep(store)
@@ -80,7 +50,7 @@ def test_real_sweep_sigkill_mid_run_loses_and_duplicates_nothing(tmp_path):
         assert [s for s, _ in st.val_losses(rid)][-1] == n_steps[rid]
         assert r.final_val_loss is not None and r.energy_j is None  # CPU: unavailable, never 0
         assert r.tokens == n_steps[rid] * r.config["batch_tokens"]
-    assert runs[killed[0].run_id].attempts == 2  # the interrupted run was redone once
+    assert runs[killed[0]].attempts == 2  # the interrupted run was redone once
     for rid, t in done_before.items():  # finished runs were not redone
         assert runs[rid].attempts == 1 and runs[rid].finished_at == t
     st.close()

@@ -5,12 +5,8 @@ redone once, nothing is duplicated, and the law and prediction are written (conf
 from __future__ import annotations
 
 import json
-import os
-import signal
-import sqlite3
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -18,6 +14,7 @@ import pytest
 from lrscale_megatron.law.lawfile import load_law
 from lrscale_megatron.sweep.cli import load_sweep_config
 from lrscale_megatron.sweep.store import SweepStore, run_id
+from tests.integration._kill import kill_mid_run
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIG = ROOT / "configs" / "tune" / "ci-tiny.json"
@@ -39,40 +36,13 @@ def _tune(out: Path) -> subprocess.Popen:
     )
 
 
-def _states(store: Path) -> dict[str, int]:
-    if not store.exists():
-        return {}
-    db = sqlite3.connect(store, timeout=30)
-    try:
-        return dict(db.execute("SELECT state, COUNT(*) FROM runs GROUP BY state").fetchall())
-    except sqlite3.OperationalError:
-        return {}
-    finally:
-        db.close()
-
-
 @pytest.mark.slow
 @pytest.mark.timeout(400)
 def test_tune_sigkill_mid_sweep_then_rerun_keeps_finished_runs_and_duplicates_nothing(tmp_path):
     out = tmp_path / "tune"
     store = out / "sweep.sqlite"
     proc = _tune(out)
-    deadline = time.monotonic() + 200
-    while time.monotonic() < deadline:
-        s = _states(store)
-        if s.get("finished", 0) >= 2 and s.get("running", 0) == 1:
-            break
-        if proc.poll() is not None:
-            pytest.fail(f"tune exited early (rc {proc.returncode}): {proc.stderr.read().decode()[-2000:]}")
-        time.sleep(0.05)
-    else:
-        proc.kill()
-        pytest.fail("no run finished within 200 s")
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    before = {r.run_id: r for r in SweepStore(store).runs()}
-    killed = [r.run_id for r in before.values() if r.state == "running"]
-    done_before = {rid: r.finished_at for rid, r in before.items() if r.state == "finished"}
+    killed, done_before = kill_mid_run(proc, store, min_finished=2, within_s=200)
     assert len(killed) == 1 and len(done_before) >= 2
 
     proc = _tune(out)
