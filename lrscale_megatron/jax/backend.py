@@ -20,6 +20,7 @@ carry about ``log2(n) * eps32`` relative error, far below the solvers' tolerance
 
 from __future__ import annotations
 
+import functools
 import zlib
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -49,6 +50,26 @@ def _scale(a: jax.Array, x: list[jax.Array]) -> list[jax.Array]:
 @jax.jit
 def _all_finite(x: list[jax.Array]) -> jax.Array:
     return jnp.all(jnp.stack([jnp.all(jnp.isfinite(xi)) for xi in x]))
+
+
+@functools.lru_cache(maxsize=1024)
+def _maker(kind: str, shape: tuple[int, ...], dtype: Any, sharding: Any) -> Callable[..., jax.Array]:
+    """A jitted ``key -> array`` of ``shape`` laid out with ``sharding`` (cached across backends, so a
+    measurement repeated during training compiles nothing new)."""
+    if kind == "zeros":
+
+        def make(key: jax.Array) -> jax.Array:
+            return jnp.zeros(shape, dtype)
+    elif kind == "randn":
+
+        def make(key: jax.Array) -> jax.Array:
+            return jax.random.normal(key, shape, dtype)
+    else:
+
+        def make(key: jax.Array) -> jax.Array:
+            return jax.random.rademacher(key, shape, dtype)
+
+    return jax.jit(make) if sharding is None else jax.jit(make, out_shardings=sharding)
 
 
 def leaf_names(tree: Any) -> list[str]:
@@ -89,7 +110,6 @@ class PytreeBackend:
                 "vector dtype float64 needs 64-bit JAX; fix: jax.config.update('jax_enable_x64', True) "
                 "(or the `with jax.enable_x64(True):` context) before building the parameters"
             )
-        self._makers: dict[tuple[str, int], Callable[..., jax.Array]] = {}
 
     # ------------------------------------------------------------------ pytrees <-> vectors
     def to_pytree(self, v: Vector) -> Any:
@@ -136,8 +156,8 @@ class PytreeBackend:
     def dots(self, xs: Sequence[Vector], y: Vector) -> list[float]:
         if not xs:
             return []
-        parts = jnp.stack([_leaf_dots(list(x), list(y)) for x in xs])  # one host transfer
-        return [float(r) for r in np.asarray(parts, dtype=np.float64).sum(axis=1)]
+        parts = jax.device_get([_leaf_dots(list(x), list(y)) for x in xs])  # one transfer, no new compile
+        return [float(np.asarray(r, dtype=np.float64).sum()) for r in parts]
 
     def norm(self, x: Vector) -> float:
         return float(np.sqrt(max(self.dot(x, x), 0.0)))
@@ -174,27 +194,7 @@ class PytreeBackend:
 
     # ------------------------------------------------------------------ new vectors
     def _maker(self, kind: str, i: int) -> Callable[..., jax.Array]:
-        """A jitted ``key -> array`` for leaf ``i``, laid out with the leaf's sharding (cached)."""
-        fn = self._makers.get((kind, i))
-        if fn is None:
-            shape, dtype = self.shapes[i], self.dtype
-            if kind == "zeros":
-
-                def make(key: jax.Array) -> jax.Array:
-                    return jnp.zeros(shape, dtype)
-            elif kind == "randn":
-
-                def make(key: jax.Array) -> jax.Array:
-                    return jax.random.normal(key, shape, dtype)
-            else:
-
-                def make(key: jax.Array) -> jax.Array:
-                    return jax.random.rademacher(key, shape, dtype)
-
-            sharding = self.shardings[i]
-            fn = jax.jit(make) if sharding is None else jax.jit(make, out_shardings=sharding)
-            self._makers[(kind, i)] = fn
-        return fn
+        return _maker(kind, self.shapes[i], self.dtype, self.shardings[i])
 
     def _draw(self, kind: str, seed: int) -> Vector:
         base = jax.random.key(int(seed))

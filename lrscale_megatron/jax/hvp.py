@@ -8,6 +8,7 @@ call) for the Hessian to be a fixed symmetric matrix, which the solvers' symmetr
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -25,14 +26,38 @@ def hvp(loss_fn: Loss, params: Any, v: Any, *args: Any) -> Any:
     return jax.jvp(lambda p: jax.grad(loss_fn)(p, *args), (params,), (v,))[1]
 
 
+def _product(
+    loss_fn: Loss, treedef: Any, param_dtypes: tuple[Any, ...], vec_dtype: Any
+) -> Callable[..., Any]:
+    """``(params, args, v_leaves) -> (H v)_leaves``: tangent cast to each leaf's dtype, result to the
+    vector dtype."""
+
+    def product(p: Any, a: tuple[Any, ...], v: list[jax.Array]) -> list[jax.Array]:
+        tangent = jax.tree_util.tree_unflatten(treedef, [x.astype(d) for x, d in zip(v, param_dtypes)])
+        return [x.astype(vec_dtype) for x in jax.tree_util.tree_leaves(hvp(loss_fn, p, tangent, *a))]
+
+    return product
+
+
+@functools.lru_cache(maxsize=64)
+def _jitted_product(
+    loss_fn: Loss, treedef: Any, param_dtypes: tuple[Any, ...], vec_dtype: Any
+) -> Callable[..., Any]:
+    """The jitted product, cached per (loss, tree structure, dtypes): a measurement repeated during
+    training with the same ``loss_fn`` object reuses the compiled product (new parameter values and
+    batches of the same shapes do not recompile)."""
+    return jax.jit(_product(loss_fn, treedef, param_dtypes, vec_dtype))
+
+
 class HessianOperator:
     """The Hessian of ``loss_fn(params, *args)`` as a
     :class:`~lrscale_megatron.curvature.results.LinearOperator` on :class:`PytreeBackend` vectors.
 
     ``matvec`` takes and returns one array per parameter leaf (vector dtype); the tangent is cast to
     each leaf's dtype for the product and the result back to the vector dtype. The product is jitted
-    once (``jit=False`` for a loss that cannot be traced). Parameters sharded with ``jax.sharding``
-    stay sharded; the product is the global one.
+    once per ``(loss_fn, tree structure, dtypes)`` and cached, so pass the same ``loss_fn`` object to
+    repeated measurements (``jit=False`` for a loss that cannot be traced). Parameters sharded with
+    ``jax.sharding`` stay sharded; the product is the global one.
 
     Args:
         loss_fn: ``loss_fn(params, *args) -> scalar``; deterministic.
@@ -51,16 +76,8 @@ class HessianOperator:
         self.params = params
         self.args = args
         self.n_matvec = 0
-        treedef = self.backend.treedef
-        param_dtypes = self.backend.param_dtypes
-        vec_dtype = self.backend.dtype
-
-        def product(p: Any, a: tuple[Any, ...], v: list[jax.Array]) -> list[jax.Array]:
-            tangent = jax.tree_util.tree_unflatten(treedef, [x.astype(d) for x, d in zip(v, param_dtypes)])
-            out = jax.tree_util.tree_leaves(hvp(loss_fn, p, tangent, *a))
-            return [x.astype(vec_dtype) for x in out]
-
-        self._product = jax.jit(product) if jit else product
+        key = (loss_fn, self.backend.treedef, tuple(self.backend.param_dtypes), self.backend.dtype)
+        self._product = _jitted_product(*key) if jit else _product(*key)
 
     def matvec(self, v: Vector) -> Vector:
         self.n_matvec += 1

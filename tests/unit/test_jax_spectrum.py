@@ -64,12 +64,12 @@ def test_lanczos_power_hutchinson_match_dense_hessian_float64():
         np.testing.assert_allclose(low.eigenvalues, ev[:2], rtol=1e-6, atol=1e-9)
         lm = lambda_max(_mlp_loss, params, x, y, tol=1e-9, max_iter=51)
         assert lm.converged and abs(lm.lambda_max - ev[-1]) <= 1e-6 * ev[-1]
-        pw = lambda_max(_mlp_loss, params, x, y, method="power", tol=1e-7, max_iter=3000)
+        pw = lambda_max(_mlp_loss, params, x, y, method="power", tol=1e-5, max_iter=1000)  # error ~ res^2/gap
         lm_mag = ev[np.argmax(np.abs(ev))]
         assert pw.converged, pw.reason
         assert abs(pw.lambda_max - lm_mag) <= 1e-6 * abs(lm_mag)
-        tr = hessian_trace(_mlp_loss, params, x, y, n_samples=200, seed=1)
-        assert isinstance(tr, TraceResult) and tr.converged and tr.n_samples == 200
+        tr = hessian_trace(_mlp_loss, params, x, y, n_samples=100, seed=1)
+        assert isinstance(tr, TraceResult) and tr.converged and tr.n_samples == 100
         assert abs(tr.estimate - ev.sum()) <= 4 * tr.stderr, (tr, ev.sum())
 
 
@@ -129,7 +129,7 @@ def test_non_finite_loss_is_reported_not_converged():
 
 def test_non_symmetric_operator_is_refused_by_the_same_checks():
     """The generic true-residual/symmetry check runs on JAX operators too."""
-    from lrscale_megatron.jax import lanczos
+    from lrscale_megatron.jax import lanczos, power_iteration
 
     params, x, y, *_ = _problem(jnp.float32)
     op = HessianOperator(_mlp_loss, params, x, y)
@@ -144,10 +144,9 @@ def test_non_symmetric_operator_is_refused_by_the_same_checks():
             return out
 
     res = lanczos(Skewed(), k=1, max_iter=30, tol=1e-3, basis="keep")
-    assert not res.converged
-    assert res.reason is not None and (
-        "symmetr" in res.reason or "true residual" in res.reason or res.reason == "max_iter"
-    )
+    assert not res.converged and "true residual" in (res.reason or ""), res.reason
+    pw = power_iteration(Skewed(), max_iter=300, tol=1e-3)
+    assert not pw.converged and "symmetry check failed" in (pw.reason or ""), pw.reason
 
 
 def test_backend_checks_its_input():
