@@ -124,10 +124,10 @@ class PytreeBackend:
         return self.as_vector(leaves, what)
 
     def as_vector(self, v: Sequence[Any], what: str) -> Vector:
-        """``v`` (a list of leaves, or a pytree shaped like ``params``) checked and cast to the vector
+        """``v`` (a list of leaf arrays, or a pytree shaped like ``params``) checked and cast to the vector
         dtype, each leaf laid out with its parameter's sharding."""
-        if not isinstance(v, list | tuple):
-            return self.from_pytree(v, what)
+        if not (isinstance(v, list) and all(hasattr(t, "shape") for t in v)):
+            return self.from_pytree(v, what)  # a pytree shaped like params (a tuple params tree included)
         if len(v) != len(self.shapes):
             raise ValueError(
                 f"{what} has {len(v)} arrays but params has {len(self.shapes)} leaves; pass one array per "

@@ -26,36 +26,36 @@ def hvp(loss_fn: Loss, params: Any, v: Any, *args: Any) -> Any:
     return jax.jvp(lambda p: jax.grad(loss_fn)(p, *args), (params,), (v,))[1]
 
 
-def _product(
-    loss_fn: Loss, treedef: Any, param_dtypes: tuple[Any, ...], vec_dtype: Any
-) -> Callable[..., Any]:
-    """``(params, args, v_leaves) -> (H v)_leaves``: tangent cast to each leaf's dtype, result to the
-    vector dtype."""
+def _product(loss_fn: Loss, treedef: Any, vec_dtype: Any) -> Callable[..., Any]:
+    """``(params, args, v_leaves) -> (H v)_leaves`` at vector-dtype copies of the parameters: bf16/fp16
+    parameters are measured at float32 copies (as in the PyTorch operator), so the product is not
+    swamped by half-precision round-off; float32/float64 parameters are used as they are."""
 
     def product(p: Any, a: tuple[Any, ...], v: list[jax.Array]) -> list[jax.Array]:
-        tangent = jax.tree_util.tree_unflatten(treedef, [x.astype(d) for x, d in zip(v, param_dtypes)])
-        return [x.astype(vec_dtype) for x in jax.tree_util.tree_leaves(hvp(loss_fn, p, tangent, *a))]
+        leaves = jax.tree_util.tree_leaves(p)
+        wide = jax.tree_util.tree_unflatten(treedef, [x.astype(vec_dtype) for x in leaves])
+        tangent = jax.tree_util.tree_unflatten(treedef, [x.astype(vec_dtype) for x in v])
+        return [x.astype(vec_dtype) for x in jax.tree_util.tree_leaves(hvp(loss_fn, wide, tangent, *a))]
 
     return product
 
 
 @functools.lru_cache(maxsize=64)
-def _jitted_product(
-    loss_fn: Loss, treedef: Any, param_dtypes: tuple[Any, ...], vec_dtype: Any
-) -> Callable[..., Any]:
-    """The jitted product, cached per (loss, tree structure, dtypes): a measurement repeated during
+def _jitted_product(loss_fn: Loss, treedef: Any, vec_dtype: Any) -> Callable[..., Any]:
+    """The jitted product, cached per (loss, tree structure, vector dtype): a measurement repeated during
     training with the same ``loss_fn`` object reuses the compiled product (new parameter values and
     batches of the same shapes do not recompile)."""
-    return jax.jit(_product(loss_fn, treedef, param_dtypes, vec_dtype))
+    return jax.jit(_product(loss_fn, treedef, vec_dtype))
 
 
 class HessianOperator:
     """The Hessian of ``loss_fn(params, *args)`` as a
     :class:`~lrscale_megatron.curvature.results.LinearOperator` on :class:`PytreeBackend` vectors.
 
-    ``matvec`` takes and returns one array per parameter leaf (vector dtype); the tangent is cast to
-    each leaf's dtype for the product and the result back to the vector dtype. The product is jitted
-    once per ``(loss_fn, tree structure, dtypes)`` and cached, so pass the same ``loss_fn`` object to
+    ``matvec`` takes and returns one array per parameter leaf (vector dtype); the product is taken at
+    vector-dtype copies of the parameters (float32 copies of bf16/fp16 leaves, as in the PyTorch
+    operator; float32/float64 leaves as they are). The product is jitted
+    once per ``(loss_fn, tree structure, vector dtype)`` and cached, so pass the same ``loss_fn`` object to
     repeated measurements (``jit=False`` for a loss that cannot be traced). Parameters sharded with
     ``jax.sharding`` stay sharded; the product is the global one.
 
@@ -76,7 +76,7 @@ class HessianOperator:
         self.params = params
         self.args = args
         self.n_matvec = 0
-        key = (loss_fn, self.backend.treedef, tuple(self.backend.param_dtypes), self.backend.dtype)
+        key = (loss_fn, self.backend.treedef, self.backend.dtype)
         self._product = _jitted_product(*key) if jit else _product(*key)
 
     def matvec(self, v: Vector) -> Vector:

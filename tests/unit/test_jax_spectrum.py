@@ -120,6 +120,17 @@ def test_float32_parameters_give_float32_vectors_near_the_float64_answer():
     assert abs(res.lambda_max - ref) <= 1e-4 * ref
 
 
+def test_bf16_parameters_are_measured_at_float32_copies():
+    p32, x, y, *_ = _problem(jnp.float32)
+    p16 = jax.tree_util.tree_map(lambda a: a.astype(jnp.bfloat16), p32)
+    with jax.enable_x64(True):
+        rounded = jax.tree_util.tree_map(lambda a: jnp.asarray(np.asarray(a, np.float64)), p16)
+        ref = _dense_eigs(rounded, jnp.asarray(x, jnp.float64), jnp.asarray(y, jnp.float64))[-1]
+    res = lambda_max(_mlp_loss, p16, x, y, tol=1e-4, max_iter=51)
+    assert res.converged, res.reason
+    assert abs(res.lambda_max - ref) <= 1e-4 * ref
+
+
 def test_non_finite_loss_is_reported_not_converged():
     params, x, y, *_ = _problem(jnp.float32)
     x_bad = x.at[0, 0].set(jnp.nan)
@@ -163,6 +174,10 @@ def test_backend_checks_its_input():
         PytreeBackend(params, dtype=jnp.float64)
     with pytest.raises(ValueError, match="method"):
         lambda_max(_mlp_loss, params, x, y, method="arnoldi")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="tree structure"):
+        be.as_vector({"l1": params["l1"]}, "v0")
+    as_tree = be.as_vector(params, "v0")  # a pytree like params is accepted too
+    assert [a.shape for a in as_tree] == [a.shape for a in be.zeros()]
     v = be.randn(3)
     w = be.clone(v)
     be.axpy_(2.0, v, w)  # in place on the list, as the algorithms expect
