@@ -22,9 +22,10 @@ from lrscale_megatron.jax._require import require_jax
 
 require_jax()
 
+from lrscale_megatron.curvature.density import slq_density  # noqa: E402
 from lrscale_megatron.curvature.lanczos_solver import lanczos  # noqa: E402
 from lrscale_megatron.curvature.power import power_iteration  # noqa: E402
-from lrscale_megatron.curvature.results import EigenResult, TraceResult  # noqa: E402
+from lrscale_megatron.curvature.results import EigenResult, SpectralDensity, TraceResult  # noqa: E402
 from lrscale_megatron.curvature.trace import hutchinson_trace  # noqa: E402
 from lrscale_megatron.jax.backend import PytreeBackend  # noqa: E402
 from lrscale_megatron.jax.hvp import HessianOperator, hvp  # noqa: E402
@@ -35,6 +36,7 @@ __all__ = [
     "EigenResult",
     "HessianOperator",
     "PytreeBackend",
+    "SpectralDensity",
     "TableSchedule",
     "TraceResult",
     "hessian_trace",
@@ -44,5 +46,6 @@ __all__ = [
     "lanczos",
     "optax_schedule",
     "power_iteration",
+    "slq_density",
     "top_eigenvalues",
 ]

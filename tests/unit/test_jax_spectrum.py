@@ -23,6 +23,7 @@ from lrscale_megatron.jax import (
     TraceResult,
     hessian_trace,
     lambda_max,
+    slq_density,
     top_eigenvalues,
 )
 
@@ -71,6 +72,19 @@ def test_lanczos_power_hutchinson_match_dense_hessian_float64():
         tr = hessian_trace(_mlp_loss, params, x, y, n_samples=100, seed=1)
         assert isinstance(tr, TraceResult) and tr.converged and tr.n_samples == 100
         assert abs(tr.estimate - ev.sum()) <= 4 * tr.stderr, (tr, ev.sum())
+
+
+def test_slq_with_a_full_krylov_space_has_the_dense_eigenvalues_as_nodes():
+    with jax.enable_x64(True):
+        params, x, y, *_ = _problem(jnp.float64)
+        ev = _dense_eigs(params, x, y)
+        op = HessianOperator(_mlp_loss, params, x, y)
+        dens = slq_density(op, n_probes=1, n_iter=op.backend.dim, seed=0)
+    assert dens.converged, dens.reason
+    nodes = np.asarray(dens.nodes[0])
+    assert len(nodes) >= 40  # breakdown may stop a little short of dim=51 (tiny weights on the rest)
+    assert np.max(np.min(np.abs(nodes[:, None] - ev[None, :]), axis=1)) <= 1e-6 * np.max(np.abs(ev))
+    assert abs(sum(dens.weights[0]) - 1.0) <= 1e-12
 
 
 def test_eigenvector_is_a_pytree_and_an_eigenvector():
