@@ -4,6 +4,7 @@ One process, CPU::
 
     python benchmarks/jax_curvature.py            # MLP 128-256-256-10, batch 512 (~101k params)
     python benchmarks/jax_curvature.py --quick    # MLP 16-32-32-4, batch 64: smoke run
+    python benchmarks/jax_curvature.py --threads 1  # torch on one thread (XLA keeps its own pool)
 
 1. Agreement: identical float64 weights in torch (``HessianOperator(mode="exact")`` + ``lanczos``) and in
    JAX (``lrscale_megatron.jax.lambda_max``), both at ``tol=1e-8``; and JAX float32 against the float64
@@ -79,7 +80,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: torch's default)")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     sizes = [16, 32, 32, 4] if args.quick else [128, 256, 256, 10]
     batch = 64 if args.quick else 512
     ws = _weights(sizes, 0)
