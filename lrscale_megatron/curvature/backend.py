@@ -93,6 +93,27 @@ class VectorBackend:
         self.device = torch.device(device)
         self._all_reduce = all_reduce
 
+    @property
+    def eps(self) -> float:
+        """Machine epsilon of the vector dtype."""
+        return float(torch.finfo(self.dtype).eps)
+
+    def as_vector(self, v: Sequence[torch.Tensor], what: str) -> Vector:
+        """``v`` checked (one tensor per parameter, this rank's shard shapes) and cast to the vector
+        dtype and device (a copy only where the cast needs one)."""
+        if len(v) != len(self.specs):
+            raise ValueError(
+                f"{what} has {len(v)} tensors but the operator has {len(self.specs)} parameters; "
+                "pass one tensor per parameter, in operator order"
+            )
+        for i, (t, spec) in enumerate(zip(v, self.specs)):
+            if tuple(t.shape) != tuple(spec.shape):
+                raise ValueError(
+                    f"{what}[{i}] ({spec.name}) has shape {tuple(t.shape)}, expected this rank's shard "
+                    f"shape {tuple(spec.shape)}"
+                )
+        return [t.to(dtype=self.dtype, device=self.device) for t in v]
+
     # ------------------------------------------------------------------ reductions
     def local_dot(self, x: Vector, y: Vector) -> torch.Tensor:
         """Sum of x·y over the shards this rank owns, as a float64 0-d tensor (no communication).

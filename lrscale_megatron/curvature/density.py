@@ -12,8 +12,8 @@ import numpy as np
 import scipy.integrate
 
 from lrscale_megatron.curvature import krylov as kr
-from lrscale_megatron.curvature.backend import Vector
 from lrscale_megatron.curvature.results import LinearOperator, SpectralDensity
+from lrscale_megatron.curvature.vectors import Vector
 
 logger = logging.getLogger(__name__)
 

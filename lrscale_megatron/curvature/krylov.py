@@ -1,7 +1,8 @@
 """Building blocks shared by the Krylov solvers: start vectors, Gram-Schmidt, the Lanczos step, the
 tridiagonal eigenproblem, and the *true-residual check* that every converged result must pass.
 
-Nothing here calls ``torch.distributed``: vectors are touched only through ``op.backend``.
+Nothing here imports torch: vectors are touched only through ``op.backend``, a
+:class:`~lrscale_megatron.curvature.vectors.VectorSpace` (torch tensors or JAX arrays).
 
 The true-residual check (:func:`check_ritz_pairs`) is what makes a ``converged=True`` trustworthy. The
 Lanczos residual estimate ``|beta_m s_{m,i}|`` (Paige 1976) is derived from the recurrence *assuming* a
@@ -23,10 +24,9 @@ from collections.abc import Sequence
 
 import numpy as np
 import scipy.linalg
-import torch
 
-from lrscale_megatron.curvature.backend import Vector, VectorBackend
 from lrscale_megatron.curvature.results import LinearOperator
+from lrscale_megatron.curvature.vectors import Vector, VectorSpace
 
 #: floor of the convergence scale ``max(|theta_1|, _TINY)`` (as in ``EigenResult.converged``).
 TINY = 1e-30
@@ -45,28 +45,13 @@ TRUE_RESIDUAL_SLACK = 10.0
 SYMMETRY_SEED_OFFSET = 7919
 
 
-def check_vector(backend: VectorBackend, v: Vector, what: str) -> None:
-    if len(v) != len(backend.specs):
-        raise ValueError(
-            f"{what} has {len(v)} tensors but the operator has {len(backend.specs)} parameters; "
-            "pass one tensor per parameter, in operator order"
-        )
-    for i, (t, spec) in enumerate(zip(v, backend.specs)):
-        if tuple(t.shape) != tuple(spec.shape):
-            raise ValueError(
-                f"{what}[{i}] ({spec.name}) has shape {tuple(t.shape)}, expected this rank's shard shape "
-                f"{tuple(spec.shape)}"
-            )
-
-
-def start_vector(backend: VectorBackend, seed: int, v0: Vector | None) -> tuple[Vector | None, str | None]:
+def start_vector(backend: VectorSpace, seed: int, v0: Vector | None) -> tuple[Vector | None, str | None]:
     """Unit start vector (``v0`` or ``backend.randn(seed)``), or ``(None, reason)`` if it is not finite."""
     if v0 is None:
         v = backend.randn(seed)
         what = f"random start vector (seed={seed})"
     else:
-        check_vector(backend, v0, "v0")
-        v = [t.to(dtype=backend.dtype, device=backend.device) for t in v0]
+        v = backend.as_vector(v0, "v0")
         what = "start vector v0"
     if not backend.is_finite(v):
         return None, f"non-finite {what}"
@@ -78,7 +63,7 @@ def start_vector(backend: VectorBackend, seed: int, v0: Vector | None) -> tuple[
     return backend.scale(1.0 / nrm, v), None
 
 
-def orthogonalise(backend: VectorBackend, w: Vector, basis: Sequence[Vector]) -> list[float]:
+def orthogonalise(backend: VectorSpace, w: Vector, basis: Sequence[Vector]) -> list[float]:
     """In place: ``w -= Q Q^T w`` by two classical Gram-Schmidt passes (one all-reduce each).
 
     Returns the total coefficients ``Q^T w`` removed (sum over both passes).
@@ -116,9 +101,8 @@ def pad(values: Sequence[float], k: int) -> tuple[float, ...]:
     return tuple(out + [math.nan] * (k - len(out)))
 
 
-def breakdown_threshold(backend: VectorBackend, anorm: float) -> float:
-    eps = torch.finfo(backend.dtype).eps
-    return BREAKDOWN_EPS_FACTOR * eps * anorm
+def breakdown_threshold(backend: VectorSpace, anorm: float) -> float:
+    return BREAKDOWN_EPS_FACTOR * backend.eps * anorm
 
 
 def lanczos_step(

@@ -31,8 +31,8 @@ from typing import Literal
 import numpy as np
 
 from lrscale_megatron.curvature import krylov as kr
-from lrscale_megatron.curvature.backend import Vector
 from lrscale_megatron.curvature.results import EigenResult, LinearOperator
+from lrscale_megatron.curvature.vectors import Vector
 
 logger = logging.getLogger(__name__)
 

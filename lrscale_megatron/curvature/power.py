@@ -14,8 +14,8 @@ import math
 from collections.abc import Sequence
 
 from lrscale_megatron.curvature import krylov as kr
-from lrscale_megatron.curvature.backend import Vector
 from lrscale_megatron.curvature.results import EigenResult, LinearOperator
+from lrscale_megatron.curvature.vectors import Vector
 
 logger = logging.getLogger(__name__)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
-from lrscale_megatron.curvature.backend import Vector, VectorBackend
+from lrscale_megatron.curvature.vectors import Vector, VectorSpace
 
 
 @runtime_checkable
@@ -16,7 +16,8 @@ class LinearOperator(Protocol):
     through ``backend.is_finite`` and report it instead of returning a number.
     """
 
-    backend: VectorBackend
+    @property
+    def backend(self) -> VectorSpace: ...  # read-only member: an operator may hold any VectorSpace subtype
 
     def matvec(self, v: Vector) -> Vector: ...
 

@@ -41,9 +41,10 @@ import importlib.abc
 import importlib.util
 import logging
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from lrscale_megatron.scheduler import LRScaleConfig, LRScaleScheduler
+if TYPE_CHECKING:  # imported in LRScale(): `import lrscale_megatron` must not import torch
+    from lrscale_megatron.scheduler import LRScaleScheduler
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +58,8 @@ def LRScale(optimizer: Any, **params: Any) -> LRScaleScheduler:  # noqa: N802 - 
     taken with ``deepspeed.runtime.lr_schedules.get_torch_optimizer``.
     """
     from deepspeed.runtime.lr_schedules import get_torch_optimizer
+
+    from lrscale_megatron.scheduler import LRScaleConfig, LRScaleScheduler
 
     config = LRScaleConfig.from_dict(params, where="scheduler.params")
     sched = LRScaleScheduler(get_torch_optimizer(optimizer), config)
