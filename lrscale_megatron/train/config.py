@@ -98,6 +98,11 @@ class TrainConfig(ConfigModel):
     @model_validator(mode="after")
     def _across_sections(self) -> TrainConfig:
         m, p, d = self.model, self.parallel, self.data
+        if m.arch != "gpt":  # mixer / vit: their own rules (lrscale_megatron.models.arch)
+            from lrscale_megatron.models.arch import check_arch
+
+            check_arch(self)
+        text = m.arch != "vit"
         if m.num_layers % p.pp:
             raise ConfigError(
                 "parallel.pp",
@@ -119,14 +124,14 @@ class TrainConfig(ConfigModel):
                 f"is not divisible by parallel.tp({p.tp})",
                 f"pad it to a multiple of {128 * p.tp}",
             )
-        if d.corpus is not None and d.tokenizer == "bpe" and d.tokenizer_vocab_size > m.vocab_size:
+        if text and d.corpus is not None and d.tokenizer == "bpe" and d.tokenizer_vocab_size > m.vocab_size:
             raise ConfigError(
                 "data.tokenizer_vocab_size",
                 d.tokenizer_vocab_size,
                 f"exceeds model.vocab_size({m.vocab_size})",
                 "raise model.vocab_size or shrink the BPE",
             )
-        if d.corpus is not None and d.tokenizer == "byte" and m.vocab_size < 258:
+        if text and d.corpus is not None and d.tokenizer == "byte" and m.vocab_size < 258:
             raise ConfigError(
                 "model.vocab_size",
                 m.vocab_size,
