@@ -66,6 +66,7 @@ class _MixerBlock(nn.Module):
         self.ln2 = nn.LayerNorm(h)
         self.fc1 = nn.Linear(h, cfg.ffn)
         self.fc2 = nn.Linear(cfg.ffn, h)
+        self.causal: torch.Tensor
         self.register_buffer("causal", torch.ones(s, s, dtype=torch.bool).tril(), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -44,8 +44,12 @@ def _worker(workdir: Path) -> None:
     loop._engine_step = counting_step
     out: dict = {}
     try:
-        out["mixer"] = train(load_config(GPT / "cpu-mixer-target.json", [*_base("mixer"), "training.eval_batches=1"])).to_dict()
-        out["vit"] = train(load_config(GPT / "cpu-vit-target.json", [*_base("vit"), "training.eval_batches=4"])).to_dict()
+        out["mixer"] = train(
+            load_config(GPT / "cpu-mixer-target.json", [*_base("mixer"), "training.eval_batches=1"])
+        ).to_dict()
+        out["vit"] = train(
+            load_config(GPT / "cpu-vit-target.json", [*_base("vit"), "training.eval_batches=4"])
+        ).to_dict()
     finally:
         shutdown()
     out["engines"] = engines

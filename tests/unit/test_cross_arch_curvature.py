@@ -12,8 +12,8 @@ from torch.func import functional_call
 
 from lrscale_megatron.curvature import BlockOperator, HessianOperator, lanczos
 from lrscale_megatron.curvature.blocks import transformer_blocks
-from lrscale_megatron.data.digits import digits_splits
 from lrscale_megatron.data.datasets import get_batch
+from lrscale_megatron.data.digits import digits_splits
 from lrscale_megatron.models.gpt import gpt_loss_fn
 from lrscale_megatron.models.mixer import CausalMixer, MixerConfig
 from lrscale_megatron.models.text import byte_batch
@@ -52,7 +52,9 @@ def _perturb(model, seed: int, scale: float) -> None:
 
 
 def tiny_mixer():
-    model = CausalMixer(MixerConfig(vocab_size=16, seq_length=6, hidden_size=4, num_layers=2, ffn_hidden_size=8))
+    model = CausalMixer(
+        MixerConfig(vocab_size=16, seq_length=6, hidden_size=4, num_layers=2, ffn_hidden_size=8)
+    )
     model.init_weights(0)
     model = model.double()
     _perturb(model, 1, 0.3)
@@ -61,7 +63,9 @@ def tiny_mixer():
 
 
 def tiny_vit():
-    model = ViT(ViTConfig(hidden_size=4, num_layers=1, num_heads=2, image_size=8, patch_size=4, ffn_hidden_size=8))
+    model = ViT(
+        ViTConfig(hidden_size=4, num_layers=1, num_heads=2, image_size=8, patch_size=4, ffn_hidden_size=8)
+    )
     model.init_weights(0)
     model = model.double()
     _perturb(model, 2, 0.3)
