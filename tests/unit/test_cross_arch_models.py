@@ -157,3 +157,28 @@ def test_arch_config_refusals_name_field_value_and_fix():
         msg = _err(bad)
         assert msg.startswith(field) and "Fix:" in msg, msg
     assert config_from_dict(vit).model.arch == "vit"
+
+
+@pytest.mark.parametrize("arch", ["mixer", "vit"])
+def test_tune_ladder_counts_each_architectures_own_params(tmp_path, arch):
+    """``lrscale tune`` feeds the law the architecture's own non-embedding count, proxies and target."""
+    from lrscale_megatron.tune.config import load_tune_config
+    from lrscale_megatron.tune.ladder import derive_ladder, load_target
+    from lrscale_megatron.tune.report import true_params
+    from lrscale_megatron.tune.run import write_ladder
+
+    cfg = load_tune_config(ROOT / "configs" / "tune" / f"{arch}-cpu.json")
+    target = load_target(cfg)
+    tc = config_from_dict(_raw(f"cpu-{arch}-target.json"))
+    assert target.params == arch_num_params(tc.model)[1]
+    ladder = write_ladder(derive_ladder(cfg, target).sweep, tmp_path)
+    counts = true_params(tmp_path / "sweep.sqlite", ladder)
+    assert sorted(w for w, _ in counts) == [16, 24, 32, 40]
+    for (w, d), n in counts.items():
+        if arch == "mixer":
+            want = mixer_num_params(MixerConfig(vocab_size=264, seq_length=64, hidden_size=w, num_layers=d))[
+                1
+            ]
+        else:
+            want = vit_num_params(ViTConfig(hidden_size=w, num_layers=d, num_heads=w // 8))[1]
+        assert n == want, (w, n, want)
