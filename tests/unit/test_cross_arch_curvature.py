@@ -126,3 +126,29 @@ def test_mixer_masked_future_weights_have_no_curvature():
     assert np.all(H[rows] == 0.0)
     lower = offsets[i] + np.flatnonzero(~upper)
     assert np.abs(H[lower]).max() > 1e-6
+
+
+def test_scheduler_measurement_matches_dense(problem):
+    """``measurement.measure_lambda_max`` (what LRScale's online mode calls): whole model and one layer's
+    parameters (per-group mode), exact and finite-difference products, against the dense Hessian."""
+    from lrscale_megatron.measurement import measure_lambda_max
+    from lrscale_megatron.parallel import ParallelContext
+
+    arch, model, batch, H = problem
+    ctx = ParallelContext.single()
+    want = np.linalg.eigvalsh(H)[-1]
+    # fd: the solver tolerance above the finite-difference noise (tighter is refused, not wrong)
+    for mode, solver_tol, tol in (("exact", 1e-8, 1e-6), ("fd", 1e-6, 1e-4)):
+        est = measure_lambda_max(
+            model, gpt_loss_fn, batch, mode=mode, max_iter=120, tol=solver_tol, parallel=ctx
+        )
+        assert est.converged, (arch, mode, est.reason)
+        assert rel(est.lambda_max, want) < tol, (arch, mode, est.lambda_max, want)
+    names = [n for n, _ in model.named_parameters()]
+    layer = [p for n, p in model.named_parameters() if n.startswith("blocks.0.")]
+    offsets = np.cumsum([0] + [p.numel() for p in model.parameters()])
+    cols = np.concatenate(
+        [np.arange(offsets[i], offsets[i + 1]) for i, n in enumerate(names) if n.startswith("blocks.0.")]
+    )
+    est = measure_lambda_max(model, gpt_loss_fn, batch, params=layer, max_iter=120, tol=1e-8, parallel=ctx)
+    assert est.converged and rel(est.lambda_max, np.linalg.eigvalsh(H[np.ix_(cols, cols)])[-1]) < 1e-6
