@@ -51,7 +51,7 @@ TUNE = {
 }
 OUT = {"gpt": "out/tune/cpu-demo", "mixer": "out/tune/mixer-cpu", "vit": "out/tune/vit-cpu"}
 GRID = {
-    "mixer": "0.004,0.008,0.016,0.032,0.064,0.128",
+    "mixer": "0.004,0.008,0.016,0.032,0.064,0.128,0.256,0.512",
     "vit": "0.001,0.002,0.004,0.008,0.016,0.032",
 }
 PREDICTORS = ("width", "params")
@@ -105,7 +105,7 @@ def fixed_slope(optima: list[dict[str, Any]], predictor: str, exponent: float, x
 
 
 def target_runs(
-    name: str, lrs: list[float], seeds: list[int], eval_batches: int
+    name: str, lrs: list[float], seeds: list[int], eval_batches: int, workers: int = 1
 ) -> dict[int, dict[float, float]]:
     """Final validation loss of the target at each LR and seed (resumable store next to the ladder)."""
     cfg = load_tune_config(ROOT / TUNE[name])
@@ -136,7 +136,11 @@ def target_runs(
     store_path = ROOT / OUT[name] / "cross-arch-target.sqlite"
     prepare_data(settings, t.seq_len)
     run_sweep(
-        store_path, configs, functools.partial(gpt_train_fn, settings=settings), workers=1, progress=False
+        store_path,
+        configs,
+        functools.partial(gpt_train_fn, settings=settings),
+        workers=workers,
+        progress=False,
     )
     store = SweepStore(store_path)
     runs = {r.run_id: r for r in store.runs()}
@@ -154,7 +158,12 @@ def _r(x: float) -> float:
 
 
 def study(
-    name: str, gpt: dict[str, dict[str, Any]], seeds: list[int], grid: list[float], eval_batches: int
+    name: str,
+    gpt: dict[str, dict[str, Any]],
+    seeds: list[int],
+    grid: list[float],
+    eval_batches: int,
+    workers: int = 1,
 ) -> dict:
     own = {p: refit(name, p) for p in PREDICTORS}
     t = load_target(load_tune_config(ROOT / TUNE[name]))
@@ -165,7 +174,7 @@ def study(
         preds[f"GPT {p} exponent"] = _r(fixed_slope(own[p]["optima"], p, gpt[p]["exponent"], x_target[p]))
     lrs = sorted({*grid, *preds.values()})
     t0 = time.monotonic()
-    table = target_runs(name, lrs, seeds, eval_batches)
+    table = target_runs(name, lrs, seeds, eval_batches, workers)
     wall = time.monotonic() - t0
     mean = {lr: float(np.mean([table[s][lr] for s in seeds])) for lr in lrs}
     best = min(grid, key=lambda lr: mean[lr])
@@ -218,6 +227,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--tune", action="store_true", help="re-run lrscale tune even when prediction.json exists"
     )
+    ap.add_argument("--workers", type=int, default=1, help="target runs in parallel (1 thread each)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     archs = args.arch or ["mixer", "vit"]
@@ -233,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in archs:
         grid = sorted(float(x) for x in getattr(args, f"grid_{name}").split(","))
         eb = args.eval_batches or {"mixer": 16, "vit": 11}[name]
-        doc[name] = study(name, gpt, seeds, grid, eb)
+        doc[name] = study(name, gpt, seeds, grid, eb, args.workers)
         _print(name, doc[name], gpt)
     doc["wall_s"] = time.monotonic() - t0
     doc["load_end"] = os.getloadavg()[0]
