@@ -47,6 +47,13 @@ def _worker(workdir: Path) -> None:
         out["mixer"] = train(
             load_config(GPT / "cpu-mixer-target.json", [*_base("mixer"), "training.eval_batches=1"])
         ).to_dict()
+        online = '{"enabled": true, "adapt_every": 6, "max_iter": 10}'
+        out["vit_online"] = train(
+            load_config(
+                GPT / "cpu-vit-target.json",
+                [*_base("vit"), "training.steps=18", f"deepspeed.scheduler.params.online={online}"],
+            )
+        ).to_dict()
         out["vit"] = train(
             load_config(GPT / "cpu-vit-target.json", [*_base("vit"), "training.eval_batches=4"])
         ).to_dict()
@@ -64,7 +71,14 @@ def test_mixer_and_vit_train_through_the_deepspeed_engine_with_lrscale(tmp_path)
     )
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     r = json.loads((tmp_path / "result.json").read_text())
-    assert r.pop("engines") == ["DeepSpeedEngine"] * sum(STEPS.values())
+    assert r.pop("engines") == ["DeepSpeedEngine"] * (sum(STEPS.values()) + 18)
+    # LRScale's online mode measures the ViT's curvature in the trainer (Lanczos on its Hessian): every
+    # measurement is a finite lambda_max or a refusal with its reason, never silently dropped
+    online = r.pop("vit_online")
+    assert online["scheduler"] == "LRScale" and len(online["adaptations"]) >= 2, online["adaptations"]
+    for a in online["adaptations"]:
+        assert math.isfinite(a["lambda_max"]) and a["lambda_max"] > 0, a
+        assert a.get("reason"), a
     for arch, res in r.items():
         assert res["scheduler"] == "LRScale", arch
         h = res["history"]
