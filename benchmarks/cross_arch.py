@@ -52,7 +52,7 @@ TUNE = {
 OUT = {"gpt": "out/tune/cpu-demo", "mixer": "out/tune/mixer-cpu", "vit": "out/tune/vit-cpu"}
 GRID = {
     "mixer": "0.004,0.008,0.016,0.032,0.064,0.128,0.256,0.512",
-    "vit": "0.001,0.002,0.004,0.008,0.016,0.032",
+    "vit": "0.00025,0.0005,0.001,0.002,0.004,0.008,0.016,0.032",
 }
 PREDICTORS = ("width", "params")
 
