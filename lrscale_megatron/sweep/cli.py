@@ -71,7 +71,7 @@ def prepare_data(settings: GPTSweepSettings, seq_len: int) -> None:
 
     cfg = load_config(settings.base_config, list(settings.overrides))
     d = cfg.data
-    if d.corpus is None:
+    if d.corpus is None or cfg.model.arch == "vit":  # the ViT's digits ship with scikit-learn
         return
     prepare_corpus(
         d.corpus,

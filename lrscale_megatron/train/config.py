@@ -98,6 +98,11 @@ class TrainConfig(ConfigModel):
     @model_validator(mode="after")
     def _across_sections(self) -> TrainConfig:
         m, p, d = self.model, self.parallel, self.data
+        if m.arch != "gpt":  # mixer / vit: their own rules (lrscale_megatron.models.arch)
+            from lrscale_megatron.models.arch import check_arch
+
+            check_arch(self)
+        text = m.arch != "vit"
         if m.num_layers % p.pp:
             raise ConfigError(
                 "parallel.pp",
@@ -119,14 +124,14 @@ class TrainConfig(ConfigModel):
                 f"is not divisible by parallel.tp({p.tp})",
                 f"pad it to a multiple of {128 * p.tp}",
             )
-        if d.corpus is not None and d.tokenizer == "bpe" and d.tokenizer_vocab_size > m.vocab_size:
+        if text and d.corpus is not None and d.tokenizer == "bpe" and d.tokenizer_vocab_size > m.vocab_size:
             raise ConfigError(
                 "data.tokenizer_vocab_size",
                 d.tokenizer_vocab_size,
                 f"exceeds model.vocab_size({m.vocab_size})",
                 "raise model.vocab_size or shrink the BPE",
             )
-        if d.corpus is not None and d.tokenizer == "byte" and m.vocab_size < 258:
+        if text and d.corpus is not None and d.tokenizer == "byte" and m.vocab_size < 258:
             raise ConfigError(
                 "model.vocab_size",
                 m.vocab_size,
@@ -141,6 +146,13 @@ class TrainConfig(ConfigModel):
 
     def _check_lambada(self) -> None:
         d = self.data
+        if d.lambada_passages and self.model.arch == "vit":
+            raise ConfigError(
+                "data.lambada_passages",
+                d.lambada_passages,
+                "is a language-model metric; model.arch='vit' classifies images",
+                "set data.lambada_passages to 0 or null",
+            )
         if d.lambada_passages and d.corpus is None:
             raise ConfigError(
                 "data.lambada_passages",
@@ -166,7 +178,7 @@ class TrainConfig(ConfigModel):
         d = self.data
         if d.lambada_passages is not None:
             return d.lambada_passages
-        return 64 if d.corpus is not None and self.parallel.pp == 1 else 0
+        return 64 if d.corpus is not None and self.parallel.pp == 1 and self.model.arch != "vit" else 0
 
     def _check_deepspeed(self) -> None:
         ds, p = self.deepspeed, self.parallel

@@ -173,9 +173,14 @@ def evaluate(module: torch.nn.Module, dataset: Any, cfg: TrainConfig, ctx: Paral
     try:
         for i in range(t.eval_batches):
             batch = get_batch(dataset, i, t.global_batch_size, ctx.dp_rank, ctx.dp_size)
-            losses += run_schedule(
-                module, micro_batches(batch, t.micro_batch_size), cfg.model.seq_length, forward_only=True
-            )
+            micro = micro_batches(batch, t.micro_batch_size)
+            if cfg.model.arch != "gpt":  # plain-PyTorch models (pp = 1): no megatron schedule
+                from lrscale_megatron.models.gpt import gpt_loss_fn
+
+                with torch.no_grad():
+                    losses += [float(gpt_loss_fn(module, to_device(mb))) for mb in micro]
+                continue
+            losses += run_schedule(module, micro, cfg.model.seq_length, forward_only=True)
     finally:
         module.train(was_training)
     local = sum(losses) / len(losses) if losses else 0.0

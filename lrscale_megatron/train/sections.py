@@ -54,11 +54,19 @@ class Section(ConfigModel):
         return v
 
 
+ARCHS = ("gpt", "mixer", "vit")
+
+
 class ModelConfig(Section):
-    """GPT shape (megatron-core ``GPTModel``, learned absolute positions, pre-LayerNorm, GeLU MLP)."""
+    """GPT shape (megatron-core ``GPTModel``, learned absolute positions, pre-LayerNorm, GeLU MLP), or
+    with ``arch`` another architecture trained by the same loop (:mod:`lrscale_megatron.models.arch`)."""
 
     name: str
     """Label used in logs and output paths."""
+    arch: Literal["gpt", "mixer", "vit"] = "gpt"
+    """``gpt`` (megatron-core GPTModel), ``mixer`` (causal MLP-Mixer LM, plain PyTorch: ``num_heads``
+    unused) or ``vit`` (ViT on scikit-learn's bundled 8x8 digits: ``data.corpus`` ``digits``,
+    ``seq_length`` 64 pixels, ``vocab_size`` 10 classes). Non-GPT architectures need tp = pp = 1."""
     vocab_size: int = at_least(1, "give a positive integer")
     """Embedding rows; pad it to a multiple of 128 x tp (50257 -> 50304 for GPT-2 BPE)."""
     seq_length: int = at_least(1, "give a positive integer")
@@ -86,6 +94,11 @@ class ModelConfig(Section):
     def _init(cls, v: Any) -> Any:
         return one_of("init", v, ("global_name", "megatron"), "init")
 
+    @field_validator("arch", mode="before")
+    @classmethod
+    def _arch(cls, v: Any) -> Any:
+        return one_of("arch", v, ARCHS, "architecture")
+
     @field_validator("transformer_impl", mode="before")
     @classmethod
     def _impl(cls, v: Any) -> Any:
@@ -109,6 +122,10 @@ class ModelConfig(Section):
     def num_params(self) -> int:
         """Exact parameter count of the megatron local-spec GPTModel (tied embedding counted once):
         ``L * (4h^2 + 2hf + 9h + f) + (V + S) * h + 2h`` (+ ``V * h`` untied), ``f`` the MLP width."""
+        if self.arch != "gpt":  # the architecture's own count (lrscale_megatron.models.arch)
+            from lrscale_megatron.models.arch import arch_num_params
+
+            return arch_num_params(self)[0]
         h, f, L = self.hidden_size, self.ffn, self.num_layers
         per_layer = (3 * h * h + 3 * h) + (h * h + h) + (h * f + f) + (f * h + h) + 4 * h
         out = 0 if self.tie_embeddings else self.vocab_size * h
@@ -116,6 +133,10 @@ class ModelConfig(Section):
 
     def num_non_embedding_params(self) -> int:
         """Parameters outside the word and position embeddings (what the LR laws are fitted on)."""
+        if self.arch != "gpt":
+            from lrscale_megatron.models.arch import arch_num_params
+
+            return arch_num_params(self)[1]
         emb = (self.vocab_size + self.seq_length) * self.hidden_size
         return self.num_params() - emb - (0 if self.tie_embeddings else self.vocab_size * self.hidden_size)
 

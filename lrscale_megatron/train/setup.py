@@ -51,8 +51,15 @@ def preset_of(cfg: TrainConfig):
 
 
 def build_model(cfg: TrainConfig, ctx: ParallelContext) -> torch.nn.Module:
-    """This rank's TP/PP part of the megatron-core GPTModel (parallel_state must be initialised)."""
+    """This rank's TP/PP part of the megatron-core GPTModel (parallel_state must be initialised), or the
+    plain-PyTorch model of another ``model.arch`` (:mod:`lrscale_megatron.models.arch`)."""
     from lrscale_megatron.models.gpt import build_gpt
+
+    if cfg.model.arch != "gpt":
+        from lrscale_megatron.models.arch import build_arch_model
+
+        torch.manual_seed(cfg.training.seed)
+        return build_arch_model(cfg)
 
     preset, dtype, seed = preset_of(cfg), cfg.training.dtype_torch, cfg.training.seed
     torch.manual_seed(seed)
@@ -118,8 +125,14 @@ class Data:
 
 
 def build_data(cfg: TrainConfig, ctx: ParallelContext) -> Data:
-    """Prepare (rank 0 first, cached) and open the datasets on every rank."""
+    """Prepare (rank 0 first, cached) and open the datasets on every rank (``model.arch='vit'``: the
+    bundled digits, :func:`lrscale_megatron.models.arch.build_arch_data`)."""
     import torch.distributed as dist
+
+    if cfg.model.arch == "vit":
+        from lrscale_megatron.models.arch import build_arch_data
+
+        return build_arch_data(cfg)
 
     from lrscale_megatron.data import VocabInfo, build_datasets, prepare_corpus
 
