@@ -31,7 +31,6 @@ and a rerun only trains what is missing. Cases (``--cases``), each over the conf
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import logging
 import math
@@ -72,8 +71,8 @@ class Bench:
         arm = LRScaleArmConfig(
             law=None, peak_lr=lrscale.get("peak_lr", 1e-3), decay_style=base.decay_style, online=on
         )
-        return dataclasses.replace(
-            self.cfg, lrscale=arm, overrides=tuple(self.cfg.overrides) + tuple(overrides)
+        return self.cfg.replace(
+            lrscale=arm.model_dump(), overrides=list(self.cfg.overrides) + list(overrides)
         )
 
     def run(
@@ -194,6 +193,37 @@ def case_spike(b: Bench, grid: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def case_trace(b: Bench, grid: dict[str, Any]) -> dict[str, Any]:
+    """Monitor-only gauge at every warmup iteration (``warmup_checks`` = warmup length) at ``best / 4`` to
+    ``10 x best``: lambda(t), the gauge against the LR in force and the projected gauge at the peak
+    ``lambda(t) * peak / threshold``, next to the train loss (what a warmup rule could read)."""
+    warm = int(_train_value(b.cfg, "training.warmup_steps"))
+    out = {}
+    for m in (0.25, 1, 4, 10):
+        peak = m * grid["best_lr"]
+        rows = []
+        for r in b.seeds("lrscale_online", peak, online={**MONITOR_ONLY, "warmup_checks": warm}):
+            loss = {int(h["step"]): float(h["train_loss"]) for h in r["history"]}
+            rows.append(
+                {
+                    "final_val": r["final_val_loss"],
+                    "trace": [
+                        {
+                            "step": d["step"],
+                            "lambda": d["lambda_max"],
+                            "g": d["gauge"],
+                            "g_peak": (d["lambda_max"] or math.nan) * peak / 38.0,
+                            "loss": loss.get(int(d["step"])),
+                        }
+                        for d in _decisions(r)
+                        if d["step"] <= warm
+                    ],
+                }
+            )
+        out[f"x{m:g}"] = {"peak": peak, "runs": rows}
+    return out
+
+
 def _train_value(cfg: Any, key: str) -> Any:
     from lrscale_megatron.compare.arms import base_train_raw
 
@@ -234,7 +264,7 @@ def case_kappa(b: Bench, grid: dict[str, Any], law: str) -> dict[str, Any]:
             }
         )
     fit = calibrate_kappa([(x["lambda_at_opt"], x["eta_opt"]) for x in ladder])
-    law_cfg = dataclasses.replace(b.cfg, lrscale=dataclasses.replace(b.cfg.lrscale, law=law, peak_lr=None))
+    law_cfg = b.cfg.replace(lrscale=b.cfg.lrscale.replace(law=law, peak_lr=None).model_dump())
     eta_pred = offline_peak(law_cfg).peak_lr
     probe = b.seeds("lrscale_online", eta_pred, online=MONITOR_ONLY)
     lams = [_lambda_after_warmup(r, warm) for r in probe]  # per seed: one run measures one lambda
@@ -333,6 +363,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 out["toolow"] = case_toolow(b, grid)
             elif c == "spike":
                 out["spike"] = case_spike(b, grid)
+            elif c == "trace":
+                out["trace"] = case_trace(b, grid)
             elif c == "kappa":
                 out["kappa"] = case_kappa(b, grid, args.law)
             if args.json:

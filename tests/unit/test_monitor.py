@@ -26,6 +26,7 @@ CONFIG = {
         "enabled": True,
         "adapt_every": 5,
         "warmup_checks": 1,
+        "warmup_first": None,  # the measurement schedule below: end of warmup, then every 5
         "combine": "online",
         "ema": 0.0,
         "max_change": 10.0,
