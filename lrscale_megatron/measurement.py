@@ -65,6 +65,14 @@ class WarmStart:
 
     def __init__(self) -> None:
         self._vectors: dict[tuple[int, ...] | None, Any] = {}
+        self._failed: set[tuple[int, ...] | None] = set()
+
+    def wants_vector(self, params: Sequence[Any] | None) -> bool:
+        """Whether to ask the solver for this measurement's Ritz vector: not right after an unconverged
+        measurement of ``params``, because the solver builds the vector of an unconverged run too (a
+        second pass, about ``max_iter`` more products), and a run that did not converge is likely to be
+        followed by another (measured: the tiny GPT after warmup at ``tol`` 1e-2, every measurement)."""
+        return self.key(params) not in self._failed
 
     @staticmethod
     def key(params: Sequence[Any] | None) -> tuple[int, ...] | None:
@@ -81,11 +89,17 @@ class WarmStart:
         r = backend.randn(seed)
         return backend.axpy_(1.0 / ny, y, backend.scale_(1.0 / backend.norm(r), r))
 
-    def store(self, params: Sequence[Any] | None, vector: Any) -> None:
-        self._vectors[self.key(params)] = vector
-
-    def forget(self, params: Sequence[Any] | None) -> None:
-        self._vectors.pop(self.key(params), None)
+    def record(self, params: Sequence[Any] | None, converged: bool, vector: Any = None) -> None:
+        """After a measurement: keep ``vector`` (only a converged one), or forget the old one."""
+        k = self.key(params)
+        if converged and vector is not None:
+            self._vectors[k] = vector
+        else:  # only a vector the checks passed seeds the next measurement
+            self._vectors.pop(k, None)
+        if converged:
+            self._failed.discard(k)
+        else:
+            self._failed.add(k)
 
 
 def measure_lambda_max(
@@ -133,12 +147,10 @@ def measure_lambda_max(
         except MomentsUnavailable as e:
             return Estimate(lambda_max=math.nan, converged=False, reason=f"no Adam preconditioner: {e}")
     v0 = None if warm is None else warm.start(op.backend, params, seed)
-    res = lanczos(op, k=1, max_iter=max_iter, tol=tol, seed=seed, v0=v0, return_vectors=warm is not None)
+    want = warm is not None and warm.wants_vector(params)
+    res = lanczos(op, k=1, max_iter=max_iter, tol=tol, seed=seed, v0=v0, return_vectors=want)
     if warm is not None:
-        if res.converged and res.eigenvectors:
-            warm.store(params, res.eigenvectors[0])
-        else:  # only a vector the checks passed seeds the next measurement
-            warm.forget(params)
+        warm.record(params, bool(res.converged), res.eigenvectors[0] if res.eigenvectors else None)
     lam = float(res.eigenvalues[0]) if len(res.eigenvalues) else math.nan
     return Estimate(
         lambda_max=lam,

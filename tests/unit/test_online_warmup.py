@@ -197,6 +197,19 @@ def test_an_unconverged_measurement_does_not_seed_the_next():
     )
     assert not bad.converged
     assert warm.start(_backend(model), None, 0) is None  # forgotten: the next one starts cold
+    assert not warm.wants_vector(None)  # and does not pay for a vector (a second pass if unconverged)
+    again = measure_lambda_max(
+        model,
+        lambda m, b: 0.5 * m.x @ b @ m.x,
+        a,
+        mode="exact",
+        max_iter=2,
+        tol=1e-12,
+        parallel=ParallelContext.single(),
+        warm=warm,
+    )
+    assert not again.converged and again.n_matvec == 2 < bad.n_matvec  # no second pass this time
+    assert _measure(a, model, warm).converged and warm.wants_vector(None)  # a converged one resets it
 
 
 def _backend(model: Quad):
