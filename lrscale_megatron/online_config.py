@@ -57,9 +57,9 @@ class OnlineConfig(_Model):
     adapt_every: int = 1000
     """Measure every this many steps (a multiple crossed, in samples, under Megatron-LM). With ``hvp="fd"``
     a measurement costs about one gradient per Lanczos iteration (~10): ~1 % overhead at 1000."""
-    warmup_checks: int = 2
-    """Measurements at ``k * warmup_steps / warmup_checks`` (k = 1..n): a too-high peak is caught before it
-    has cost the run. 0: none before ``adapt_every`` (and no ``warmup_first`` check either)."""
+    warmup_checks: int = 1
+    """Measurements at ``k * warmup_steps / warmup_checks`` (k = 1..n; default: the end of warmup), besides
+    the early ``warmup_first`` check. 0: none before ``adapt_every`` (and no ``warmup_first`` check either)."""
     warmup_first: float | None = 0.1
     """One more, early, warmup check at this fraction of the warmup (never before step
     :data:`~lrscale_megatron.adapter.FIRST_CHECK_MIN_STEP`: after one Adam step the second moment is one

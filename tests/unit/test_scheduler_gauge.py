@@ -174,7 +174,7 @@ def test_resume_mid_run_reproduces_the_decisions_bitwise(style):
 @pytest.mark.parametrize("style", STYLES)
 def test_a_cut_scales_the_whole_schedule(style):
     """lr(t) = f(t) * peak: after a cut by r the LR in force is r x the offline schedule, floor included."""
-    cfg = _cfg(style, warmup_first=None)  # the first check at WARMUP // 2
+    cfg = _cfg(style, warmup_first=None, warmup_checks=2)  # the first check at WARMUP // 2
     sched = _sched(cfg)
     lam = 4.0 * cfg.online.threshold / _offline(cfg, WARMUP // 2)  # g = 4 at the first check, then <= 1
     sched.attach_estimator(lambda params: lam)

@@ -188,8 +188,9 @@ def test_curvature_peak_once_after_warmup():
 
 
 def test_measurement_points_in_iterations_and_samples():
-    cfg = OnlineConfig(enabled=True, adapt_every=100)
-    assert warmup_points(30, cfg) == [3, 15, 30]  # warmup_first: 10 % of the warmup
+    cfg = OnlineConfig(enabled=True, adapt_every=100, warmup_checks=2)
+    assert warmup_points(30, OnlineConfig()) == [3, 30]  # default: warmup_first (10 %), end of warmup
+    assert warmup_points(30, cfg) == [3, 15, 30]
     assert warmup_points(30, cfg.model_copy(update={"warmup_first": None})) == [15, 30]
     assert warmup_points(10, cfg) == [2, 5, 10]  # never before step 2 (one Adam step: v_hat = g^2)
     assert warmup_points(1, cfg) == [1]
