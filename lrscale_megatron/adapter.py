@@ -15,7 +15,8 @@ Decisions (one per measurement and param group, each logged with its reason):
 * **skip** an unusable estimate (NaN / Inf, ``lambda <= 0``, not converged) or one taken at ``lr(t) = 0``:
   the peak is kept;
 * **curvature** (only with ``kappa``, once, at the first measurement at or after the end of warmup): the
-  peak becomes ``max(offline, kappa / lambda)`` (or ``kappa / lambda``) and then goes through the cut test;
+  peak becomes ``max(offline, kappa / lambda)`` (or ``kappa / lambda``; ``offline`` is the current peak if a
+  warmup cut lowered it) and then goes through the cut test;
 * **cut** when ``g > cut_above``: the peak is scaled so that ``g`` becomes ``safety`` (at most ``max_cut``).
   With ``confirm_cuts`` (default) a cut needs the previous measurement at or above the edge too (or none
   before it): otherwise the action is **confirm** and the core re-measures at the next step, because at the
@@ -212,9 +213,10 @@ def adapt(
     if cfg.kappa is not None and warmup_done and not state.curvature_done:
         state.curvature_done = True
         eta_curv = cfg.kappa / lam
-        target = max(offline_peak, eta_curv) if cfg.curvature_peak == "max" else eta_curv
+        pred = min(offline_peak, before)  # a warmup cut has already overruled the offline peak
+        target = max(pred, eta_curv) if cfg.curvature_peak == "max" else eta_curv
         action = "curvature"
-        why = f"curvature peak kappa/lambda={eta_curv:.4g} ({cfg.curvature_peak} with offline {offline_peak:.4g})"
+        why = f"curvature peak kappa/lambda={eta_curv:.4g} ({cfg.curvature_peak} with {pred:.4g})"
     g_new = g * target / before
     # during warmup, away from the edge, the curvature is projected to the peak (see project_below)
     project = not warmup_done and cfg.project_below > 0 and (g < cfg.project_below or g > cfg.cut_above)

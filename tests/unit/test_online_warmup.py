@@ -221,3 +221,17 @@ def _backend(model: Quad):
         torch.eye(len(model.x), dtype=torch.float64),
         parallel=ParallelContext.single(),
     ).backend
+
+
+def test_the_curvature_peak_does_not_undo_a_warmup_cut():
+    """``max(eta_pred, kappa / lambda)`` after a warmup cut: ``eta_pred`` is the cut peak, not the law's."""
+    cfg = OnlineConfig(kappa=1.0, combine="max")
+    st = AdapterState(peak=PEAK)
+    lam = 5.0 * cfg.threshold / PEAK  # g_peak = 5 at the first check
+    cut = adapt(
+        st, Estimate(lam), offline_peak=PEAK, cfg=cfg, step=10, group=None, lr=PEAK / 10, warmup_done=False
+    )
+    assert cut.action == "cut" and st.peak == pytest.approx(PEAK / 5)
+    lam_after = 0.2 * cfg.threshold / st.peak  # g = 0.2 at the end of warmup; kappa / lambda << PEAK / 5
+    d = adapt(st, Estimate(lam_after), offline_peak=PEAK, cfg=cfg, step=100, group=None, lr=st.peak)
+    assert d.action == "curvature" and d.peak_after == pytest.approx(PEAK / 5)  # not back to PEAK
