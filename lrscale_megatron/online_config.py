@@ -56,7 +56,9 @@ class OnlineConfig(_Model):
     """Adapt the peak from measured curvature. Off by default."""
     adapt_every: int = 1000
     """Measure every this many steps (a multiple crossed, in samples, under Megatron-LM). With ``hvp="fd"``
-    a measurement costs about one gradient per Lanczos iteration (~10): ~1 % overhead at 1000."""
+    a measurement costs about two gradients per Lanczos iteration (the Ritz vector's second pass) plus two
+    for its checks: 9-25 products measured on CPU GPTs, 20-40 training iterations' time, so 2-4 % overhead
+    at 1000 (docs/benchmarks.md, "Online adaptation, second pass")."""
     warmup_checks: int = 1
     """Measurements at ``k * warmup_steps / warmup_checks`` (k = 1..n; default: the end of warmup), besides
     the early ``warmup_first`` check. 0: none before ``adapt_every`` (and no ``warmup_first`` check either)."""
