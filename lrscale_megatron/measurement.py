@@ -86,6 +86,8 @@ class WarmStart:
         y = self._vectors.get(self.key(params))
         if y is None or len(y) != len(backend.specs):
             return None
+        if any(tuple(t.shape) != tuple(spec.shape) for t, spec in zip(y, backend.specs)):
+            return None  # the parameters were re-sharded since: start cold
         ny = backend.norm(y)
         if not (math.isfinite(ny) and ny > 0.0):
             return None

@@ -133,7 +133,8 @@ class OnlineConfig(_Model):
     parameters) plus the seeded random vector in equal parts: fewer products when the top direction moves
     little (CPU demo, 100 iterations apart: 9-13 products per measurement instead of 13-19), and the
     random part keeps a random start's guarantee of seeing the top eigenvalue. Costs one
-    parameter-sized vector per measured parameter set. A resumed run's first measurement starts cold (the
+    parameter-sized vector per measured parameter set, kept between measurements (not in the preflight's
+    per-measurement memory estimate). A resumed run's first measurement starts cold (the
     vector is not checkpointed), so its estimate may differ within ``tol``."""
     kappa: float | None = None
     """Curvature predictor ``eta_curv = kappa / lambda`` (kappa from a proxy ladder,
