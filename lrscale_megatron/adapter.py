@@ -24,8 +24,9 @@ Decisions (one per measurement and param group, each logged with its reason):
 * **during warmup** the test reads the *projected* gauge ``g_peak = lambda * peak / threshold`` (what the gauge
   will read when warmup reaches the peak, if the curvature stays) whenever ``g < project_below`` (below the
   edge the sharpness is the model's own: the classic ``lr <= 2 / lambda`` check, done before the LR gets
-  there) or ``g > cut_above``, and a cut takes the peak to ``g_peak = warmup_safety`` (or the LR in force to
-  ``g = safety`` if lower). Near the edge (``project_below <= g <= cut_above``) the sharpness may be held
+  there) or ``g > project_above`` (beyond the edge while the LR still rises), and a cut takes the peak to
+  ``g_peak = warmup_safety`` (or the LR in force to ``g = safety`` if lower). Near the edge
+  (``project_below <= g <= project_above``) the sharpness may be held
   there by the LR in force (Adam self-stabilises at the edge), which says nothing about the peak: hold.
   The ``warmup_first`` check (10 % of the warmup by default) catches a too-high peak before it has cost
   the run;
@@ -219,7 +220,7 @@ def adapt(
         why = f"curvature peak kappa/lambda={eta_curv:.4g} ({cfg.curvature_peak} with {pred:.4g})"
     g_new = g * target / before
     # during warmup, away from the edge, the curvature is projected to the peak (see project_below)
-    project = not warmup_done and cfg.project_below > 0 and (g < cfg.project_below or g > cfg.cut_above)
+    project = not warmup_done and cfg.project_below > 0 and (g < cfg.project_below or g > cfg.project_above)
     g_peak = g * target / lr if project else g_new
     what = f"projected to the peak g_peak={g_peak:.3g}" if project else f"g={g_new:.3g}"
     if g_peak > cfg.cut_above and not confirmed and action == "hold":

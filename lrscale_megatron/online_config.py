@@ -67,13 +67,17 @@ class OnlineConfig(_Model):
     :data:`~lrscale_megatron.adapter.FIRST_CHECK_MIN_STEP`: after one Adam step the second moment is one
     squared gradient). Early in warmup the LR in force is far below the peak, so this check reads the
     *projected* gauge (``project_below``). ``None``: only the ``warmup_checks``."""
+    project_above: float = 1.25
+    """During warmup, a gauge above this is projected to the peak too: beyond the edge for the LR in force
+    while the LR is still rising. ``[project_below, project_above]`` is the band around the edge (±15 %
+    measured noise plus a margin) where the sharpness may be held by the LR in force, and is not projected."""
     project_below: float = 0.8
-    """During warmup, a gauge below this (or above ``cut_above``) is projected to the peak:
+    """During warmup, a gauge below this (or above ``project_above``) is projected to the peak:
     ``g_peak = lambda * peak / threshold``, the classic ``lr <= 2 / lambda`` check done before warmup takes
     the LR there, and the peak is cut when ``g_peak > cut_above``. Below the edge the sharpness is the
     model's own curvature (at small LR it does not depend on the LR: measured within 10 % from 1/4 to 4x
     a good peak); near the edge it may be held there by the LR in force (Adam's self-stabilisation) and
-    says nothing about the peak, so ``project_below <= g <= cut_above`` holds. 0: no projection."""
+    says nothing about the peak, so ``project_below <= g <= project_above`` holds. 0: no projection."""
     warmup_safety: float = 1.0
     """Projected gauge at the peak after a warmup (projected) cut: 1 puts the peak at the edge for the
     curvature measured early in warmup, which falls as training proceeds (measured 5-7x lower by the end
@@ -188,6 +192,13 @@ class OnlineConfig(_Model):
                 "warmup_first", v, "must be in (0, 1] (a fraction of the warmup)", "use e.g. 0.1, or null"
             )
         return v
+
+    @field_validator("project_above")
+    @classmethod
+    def _project_above(cls, v: float) -> float:
+        return _finite(
+            "project_above", v, lo=1.0, lo_open=False, fix="use e.g. 1.25 (a gauge above the edge)"
+        )
 
     @field_validator("project_below")
     @classmethod

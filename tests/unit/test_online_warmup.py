@@ -70,7 +70,7 @@ def test_projection_off_or_after_warmup_reads_the_lr_in_force():
     assert d.action == "hold"  # after warmup: a low LR in force (decay) is not projected
 
 
-@pytest.mark.parametrize("g", [0.85, 1.0, 1.9])
+@pytest.mark.parametrize("g", [0.85, 1.0, 1.2])
 def test_near_the_edge_the_curvature_is_not_projected(g):
     """The sharpness may be pinned at the edge by the LR in force (Adam's self-stabilisation)."""
     cfg = OnlineConfig()
@@ -110,7 +110,13 @@ def test_far_above_the_edge_in_warmup_the_stricter_of_both_cuts():
 
 @pytest.mark.parametrize(
     "field,value",
-    [("warmup_first", 0.0), ("warmup_first", 1.5), ("project_below", 1.2), ("warmup_safety", 0.0)],
+    [
+        ("warmup_first", 0.0),
+        ("warmup_first", 1.5),
+        ("project_below", 1.2),
+        ("project_above", 0.9),
+        ("warmup_safety", 0.0),
+    ],
 )
 def test_new_settings_are_validated(field, value):
     with pytest.raises(LRScaleConfigError, match=field):
@@ -238,3 +244,20 @@ def test_the_curvature_peak_does_not_undo_a_warmup_cut():
     lam_after = 0.2 * cfg.threshold / st.peak  # g = 0.2 at the end of warmup; kappa / lambda << PEAK / 5
     d = adapt(st, Estimate(lam_after), offline_peak=PEAK, cfg=cfg, step=100, group=None, lr=st.peak)
     assert d.action == "curvature" and d.peak_after == pytest.approx(PEAK / 5)  # not back to PEAK
+
+
+def test_beyond_the_edge_early_in_warmup_is_projected():
+    """g = 1.5 (within cut_above, beyond project_above) at 10 % of the warmup: g_peak = 15, cut (x10 max)."""
+    cfg = OnlineConfig()
+    lr = PEAK / 10
+    d = adapt(
+        AdapterState(peak=PEAK),
+        Estimate(1.5 * cfg.threshold / lr),
+        offline_peak=PEAK,
+        cfg=cfg,
+        step=10,
+        group=None,
+        lr=lr,
+        warmup_done=False,
+    )
+    assert d.action == "cut" and d.peak_after == pytest.approx(PEAK / cfg.max_cut)

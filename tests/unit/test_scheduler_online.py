@@ -265,6 +265,7 @@ def test_real_hessian_operator_gauge_cuts_a_divergent_lr():
             combine="min",
             tol=1e-5,  # float32 products: the true-residual check cannot pass far below ~1e-6
             warmup_tol=1e-5,
+            warmup_first=None,  # the in-force rule at the end of warmup (the projection: test_online_warmup)
         ),
     )
     sched.attach_curvature(model, quad_loss, a)
