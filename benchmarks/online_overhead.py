@@ -87,23 +87,47 @@ def train(
         if sched.core._warmup_estimator is not None:
             sched.core._warmup_estimator = timed(sched.core._warmup_estimator)
     loss = torch.tensor(math.nan)
+    iter_s: list[float] = []  # each iteration's wall-clock, measurement time excluded
     t0 = time.perf_counter()
     for b in batches:
+        ti, n_before, m_before = time.perf_counter(), len(measure_s), sum(measure_s)
         loss = gpt_loss_fn(model, b)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
         sched.step()
+        iter_s.append(
+            time.perf_counter() - ti - (sum(measure_s) - m_before if len(measure_s) > n_before else 0.0)
+        )
     seconds = time.perf_counter() - t0
     return {
         "seconds": seconds,
         "measurements": len(sched.history),
         "n_matvec": sum(int(h.get("n_matvec", 0)) for h in sched.history),
+        "n_matvec_each": [int(h.get("n_matvec", 0)) for h in sched.history],
         "accepted": sum(bool(h["accepted"]) for h in sched.history),
         "final_loss": float(loss.detach()),
         "final_peak_lr": sched.peak_lr,
         "measurement_seconds": measure_s,
+        "measurement_steps": [int(h["step"]) for h in sched.history],
+        "measurement_iterations": _in_iterations(measure_s, [int(h["step"]) for h in sched.history], iter_s),
+        "iteration_seconds_median": statistics.median(iter_s) if iter_s else math.nan,
     }
+
+
+#: iterations each side of a measurement whose median wall-clock is its local unit of time
+WINDOW = 50
+
+
+def _in_iterations(measure_s: list[float], steps: list[int], iter_s: list[float]) -> list[float]:
+    """Each measurement's wall-clock in units of the median training iteration around it (``WINDOW`` each
+    side, measurement time excluded): a same-process, interleaved baseline, so a load change between runs
+    (or over a long run) does not enter the ratio; a load spike inside one measurement still does."""
+    out = []
+    for t, step in zip(measure_s, steps):
+        near = iter_s[max(0, step - 1 - WINDOW) : step - 1 + WINDOW]
+        out.append(t / statistics.median(near) if near else math.nan)
+    return out
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -114,6 +138,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--peak-lr", type=float, default=1e-3)
     ap.add_argument("--adapt-every", type=int, default=None, help="default: OnlineConfig().adapt_every")
     ap.add_argument("--max-iter", type=int, default=None, help="default: OnlineConfig().max_iter")
+    ap.add_argument("--cold", action="store_true", help="warm_start=False (each measurement from random)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", default=None, help="write the results here")
     ap.add_argument("--quick", action="store_true", help="smoke run: tiny preset, 12 steps, 1 repeat")
@@ -126,7 +151,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     from lrscale_megatron.models.gpt import get_preset
     from lrscale_megatron.models.text import byte_batch
 
-    overrides = {k: v for k, v in (("adapt_every", args.adapt_every), ("max_iter", args.max_iter)) if v}
+    overrides: dict[str, Any] = {
+        k: v for k, v in (("adapt_every", args.adapt_every), ("max_iter", args.max_iter)) if v
+    }
+    if args.cold:
+        overrides["warm_start"] = False
     online = OnlineConfig(enabled=True, **overrides)
     offline = OnlineConfig()
     preset = get_preset(args.preset)
@@ -159,6 +188,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     timed = [t for x in runs["online"] for t in x["measurement_seconds"]]
     meas_s = statistics.median(timed) if timed else math.nan  # timed directly around each measurement
     fractions = [sum(x["measurement_seconds"]) / x["seconds"] for x in runs["online"]]
+    # the same overhead in local iteration units: sum of measurements' cost in iterations / iterations
+    in_iters = [sum(x["measurement_iterations"]) / args.steps for x in runs["online"]]
+    per_meas = [t for x in runs["online"] for t in x["measurement_iterations"]]
     hvp_s = meas_s * n_meas / n_mv if n_mv else math.nan
     target_overhead = TARGET - 1.0
     need = meas_s / (target_overhead * step_s) if n_meas and meas_s > 0 else math.nan
@@ -175,6 +207,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "steady_state_ratio": 1.0 + meas_s / (online.adapt_every * step_s) if n_meas else None,
         "ratio_min": min(onl) / min(base),
         "measured_fraction": fractions,
+        "measured_fraction_local_iterations": in_iters,
+        "measurement_in_iterations_median": statistics.median(per_meas) if per_meas else None,
+        "measurement_in_iterations": per_meas,
+        "n_matvec_per_measurement": [int(h) for h in runs["online"][0].get("n_matvec_each", [])],
         "measurement_seconds_total": [sum(x["measurement_seconds"]) for x in runs["online"]],
         "target": TARGET,
         "measurements": n_meas,

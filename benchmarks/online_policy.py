@@ -17,6 +17,10 @@ and a rerun only trains what is missing. Cases (``--cases``), each over the conf
 * ``spike``: the gauge in monitor-only mode (``cut_above`` = 1e12: measures, never acts) at ``10 x`` and
   ``30 x best``, measuring every 5 iterations: the first step where ``g > 1`` against the first loss spike
   (train loss > 1.2 x its running minimum after warmup);
+* ``trace``: the monitor-only gauge at every warmup iteration at ``best / 4`` to ``10 x best`` (what a warmup
+  rule can read: lambda(t), the gauge and the gauge projected to the peak);
+* ``overhead``: the online arm at the scheduler's defaults over ``--overhead-steps`` iterations (seed 0): the
+  measurement iterations' excess over the run's median iteration;
 * ``demo``: the config's own LRScale arms (its law's peak and online block), e.g. ``configs/compare/cpu-demo.json``:
   online vs offline final loss, and the online arm's wall-clock overhead;
 * ``kappa``: the curvature predictor. Proxy ladder: the train model at widths 32 and 48 (the target is
@@ -31,7 +35,6 @@ and a rerun only trains what is missing. Cases (``--cases``), each over the conf
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import logging
 import math
@@ -72,8 +75,8 @@ class Bench:
         arm = LRScaleArmConfig(
             law=None, peak_lr=lrscale.get("peak_lr", 1e-3), decay_style=base.decay_style, online=on
         )
-        return dataclasses.replace(
-            self.cfg, lrscale=arm, overrides=tuple(self.cfg.overrides) + tuple(overrides)
+        return self.cfg.replace(
+            lrscale=arm.model_dump(), overrides=list(self.cfg.overrides) + list(overrides)
         )
 
     def run(
@@ -194,6 +197,66 @@ def case_spike(b: Bench, grid: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def case_trace(b: Bench, grid: dict[str, Any]) -> dict[str, Any]:
+    """Monitor-only gauge at every warmup iteration (``warmup_checks`` = warmup length) at ``best / 4`` to
+    ``10 x best``: lambda(t), the gauge against the LR in force and the projected gauge at the peak
+    ``lambda(t) * peak / threshold``, next to the train loss (what a warmup rule could read)."""
+    warm = int(_train_value(b.cfg, "training.warmup_steps"))
+    out = {}
+    for m in (0.25, 1, 4, 10):
+        peak = m * grid["best_lr"]
+        rows = []
+        for r in b.seeds("lrscale_online", peak, online={**MONITOR_ONLY, "warmup_checks": warm}):
+            loss = {int(h["step"]): float(h["train_loss"]) for h in r["history"]}
+            rows.append(
+                {
+                    "final_val": r["final_val_loss"],
+                    "trace": [
+                        {
+                            "step": d["step"],
+                            "lambda": d["lambda_max"],
+                            "g": d["gauge"],
+                            "g_peak": (d["lambda_max"] or math.nan) * peak / 38.0,
+                            "loss": loss.get(int(d["step"])),
+                        }
+                        for d in _decisions(r)
+                        if d["step"] <= warm
+                    ],
+                }
+            )
+        out[f"x{m:g}"] = {"peak": peak, "runs": rows}
+    return out
+
+
+def case_overhead(b: Bench, grid: dict[str, Any], steps: int) -> dict[str, Any]:
+    """The online arm at the scheduler's defaults (``adapt_every`` included) at the grid's best over a run of
+    ``steps`` iterations (several measurements): the measurement iterations' excess over the run's median
+    iteration (:func:`~lrscale_megatron.compare.metrics.measurement_overhead`, the same run as its own
+    baseline), next to the products each measurement took."""
+    from lrscale_megatron.adapter import OnlineConfig
+    from lrscale_megatron.compare.metrics import measurement_overhead
+
+    long = Bench(b.cfg.replace(steps=steps, eval_every=max(1, steps // 5)), force=b.force)
+    rows = []
+    for seed in b.cfg.seeds[:1]:
+        r = long.run(
+            "lrscale_online", grid["best_lr"], seed, online={"adapt_every": OnlineConfig().adapt_every}
+        )
+        rows.append(
+            {
+                "seed": seed,
+                "final_val": r["final_val_loss"],
+                "wall_s": r["wall_s"],
+                "overhead": measurement_overhead(r["history"]),
+                "measurements": [
+                    (a["step"], a["n_matvec"], a["accepted"], a["action"]) for a in r["adaptations"]
+                ],
+            }
+        )
+    b.trained += long.trained
+    return {"steps": steps, "runs": rows, "load": _uptime()}
+
+
 def _train_value(cfg: Any, key: str) -> Any:
     from lrscale_megatron.compare.arms import base_train_raw
 
@@ -234,7 +297,7 @@ def case_kappa(b: Bench, grid: dict[str, Any], law: str) -> dict[str, Any]:
             }
         )
     fit = calibrate_kappa([(x["lambda_at_opt"], x["eta_opt"]) for x in ladder])
-    law_cfg = dataclasses.replace(b.cfg, lrscale=dataclasses.replace(b.cfg.lrscale, law=law, peak_lr=None))
+    law_cfg = b.cfg.replace(lrscale=b.cfg.lrscale.replace(law=law, peak_lr=None).model_dump())
     eta_pred = offline_peak(law_cfg).peak_lr
     probe = b.seeds("lrscale_online", eta_pred, online=MONITOR_ONLY)
     lams = [_lambda_after_warmup(r, warm) for r in probe]  # per seed: one run measures one lambda
@@ -292,6 +355,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--cases", nargs="+", default=["grid", "rescue", "noharm", "toolow", "spike", "kappa"])
     ap.add_argument("--law", default="steplaw-dense", help="law of eta_pred for the kappa case")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--overhead-steps", type=int, default=5000, help="run length of the overhead case")
     ap.add_argument("--force", action="store_true")
     ap.add_argument(
         "--quick", action="store_true", help="smoke run: 1 seed, 12 iterations, grid only + noharm"
@@ -333,6 +397,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 out["toolow"] = case_toolow(b, grid)
             elif c == "spike":
                 out["spike"] = case_spike(b, grid)
+            elif c == "overhead":
+                out["overhead"] = case_overhead(b, grid, args.overhead_steps)
+            elif c == "trace":
+                out["trace"] = case_trace(b, grid)
             elif c == "kappa":
                 out["kappa"] = case_kappa(b, grid, args.law)
             if args.json:

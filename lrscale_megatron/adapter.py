@@ -15,11 +15,21 @@ Decisions (one per measurement and param group, each logged with its reason):
 * **skip** an unusable estimate (NaN / Inf, ``lambda <= 0``, not converged) or one taken at ``lr(t) = 0``:
   the peak is kept;
 * **curvature** (only with ``kappa``, once, at the first measurement at or after the end of warmup): the
-  peak becomes ``max(offline, kappa / lambda)`` (or ``kappa / lambda``) and then goes through the cut test;
+  peak becomes ``max(offline, kappa / lambda)`` (or ``kappa / lambda``; ``offline`` is the current peak if a
+  warmup cut lowered it) and then goes through the cut test;
 * **cut** when ``g > cut_above``: the peak is scaled so that ``g`` becomes ``safety`` (at most ``max_cut``).
   With ``confirm_cuts`` (default) a cut needs the previous measurement at or above the edge too (or none
   before it): otherwise the action is **confirm** and the core re-measures at the next step, because at the
   edge of stability the sharpness oscillates and a single sample far beyond it is not an instability;
+* **during warmup** the test reads the *projected* gauge ``g_peak = lambda * peak / threshold`` (what the gauge
+  will read when warmup reaches the peak, if the curvature stays) whenever ``g < project_below`` (below the
+  edge the sharpness is the model's own: the classic ``lr <= 2 / lambda`` check, done before the LR gets
+  there) or ``g > project_above`` (beyond the edge while the LR still rises), and a cut takes the peak to
+  ``g_peak = warmup_safety`` (or the LR in force to ``g = safety`` if lower). Near the edge
+  (``project_below <= g <= project_above``) the sharpness may be held
+  there by the LR in force (Adam self-stabilises at the edge), which says nothing about the peak: hold.
+  The ``warmup_first`` check (10 % of the warmup by default) catches a too-high peak before it has cost
+  the run;
 * **raise**, only where ``combine`` lets the peak rise, after warmup, while the schedule is at >= half
   its peak, when the smoothed gauge is below ``raise_below``: towards ``g = safety``, at most ``max_change``;
 * **hold** otherwise;
@@ -58,6 +68,10 @@ __all__ = [
     "skip_reason",
     "stability_lr",
 ]
+
+#: The earliest step of the ``warmup_first`` check: after one Adam step the second moment is a single squared
+#: gradient and the preconditioned sharpness is not the model's (measured 9-15x its value one step later).
+FIRST_CHECK_MIN_STEP = 2
 
 #: Raises only while the LR in force is at least this fraction of the peak (not late in the decay, where
 #: a small gauge says the decay lowered the LR, not that the peak is too low).
@@ -200,21 +214,31 @@ def adapt(
     if cfg.kappa is not None and warmup_done and not state.curvature_done:
         state.curvature_done = True
         eta_curv = cfg.kappa / lam
-        target = max(offline_peak, eta_curv) if cfg.curvature_peak == "max" else eta_curv
+        pred = min(offline_peak, before)  # a warmup cut has already overruled the offline peak
+        target = max(pred, eta_curv) if cfg.curvature_peak == "max" else eta_curv
         action = "curvature"
-        why = f"curvature peak kappa/lambda={eta_curv:.4g} ({cfg.curvature_peak} with offline {offline_peak:.4g})"
+        why = f"curvature peak kappa/lambda={eta_curv:.4g} ({cfg.curvature_peak} with {pred:.4g})"
     g_new = g * target / before
-    if g_new > cfg.cut_above and not confirmed and action == "hold":
+    # during warmup, away from the edge, the curvature is projected to the peak (see project_below)
+    project = not warmup_done and cfg.project_below > 0 and (g < cfg.project_below or g > cfg.project_above)
+    g_peak = g * target / lr if project else g_new
+    what = f"projected to the peak g_peak={g_peak:.3g}" if project else f"g={g_new:.3g}"
+    if g_peak > cfg.cut_above and not confirmed and action == "hold":
         state.confirm_pending = True
         action = "confirm"
         why = (
-            f"g={g_new:.3g} > cut_above={cfg.cut_above:g} after g={prev_gauge:.3g} <= 1: one sample beyond the "
+            f"{what} > cut_above={cfg.cut_above:g} after g={prev_gauge:.3g} <= 1: one sample beyond the "
             "edge (sharpness oscillates there at the edge of stability); re-measuring at the next step"
         )
-    elif g_new > cfg.cut_above:
-        target = max(target * cfg.safety / g_new, before / cfg.max_cut)
+    elif g_peak > cfg.cut_above:
+        aim = target * cfg.safety / g_new  # the LR in force at g = safety
+        if project:
+            aim = min(aim, target * cfg.warmup_safety / g_peak)  # the peak at g_peak = warmup_safety
+        target = max(aim, before / cfg.max_cut)
         action = "cut"
-        why = f"g={g_new:.3g} > cut_above={cfg.cut_above:g}: cut towards g={cfg.safety:g}"
+        why = f"{what} > cut_above={cfg.cut_above:g}: cut towards " + (
+            f"g_peak={cfg.warmup_safety:g}" if project else f"g={cfg.safety:g}"
+        )
     elif action == "hold" and g_smooth < cfg.raise_below:
         if cfg.combine == "min":
             why = f"room (smoothed g={g_smooth:.3g} < {cfg.raise_below:g}) but combine='min' never raises the peak"
@@ -257,11 +281,15 @@ def adapt(
 
 
 def warmup_points(warmup_steps: int, cfg: OnlineConfig) -> list[int]:
-    """Steps of the measurements during warmup (the last at ``warmup_steps``)."""
+    """Steps of the measurements during warmup: the ``warmup_first`` check and ``k * warmup_steps / n``
+    (the last at ``warmup_steps``)."""
     n = cfg.warmup_checks
     if warmup_steps <= 0 or n <= 0:
         return []
-    return sorted({max(1, round(k * warmup_steps / n)) for k in range(1, n + 1)})
+    points = {max(1, round(k * warmup_steps / n)) for k in range(1, n + 1)}
+    if cfg.warmup_first is not None:
+        points.add(min(warmup_steps, max(FIRST_CHECK_MIN_STEP, round(cfg.warmup_first * warmup_steps))))
+    return sorted(points)
 
 
 def crossed(prev_step: int, new_step: int, cfg: OnlineConfig, warmup_steps: int) -> bool:

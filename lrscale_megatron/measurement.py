@@ -28,6 +28,7 @@ __all__ = [
     "MeasurementMemory",
     "MeasurementRefused",
     "MomentsUnavailable",
+    "WarmStart",
     "curvature_estimator",
     "measure_lambda_max",
     "measurement_memory",
@@ -52,6 +53,61 @@ def preconditioned_operator(op: Any, optimizer: Any) -> Any:
     return PreconditionedOperator(op, v_hat, eps=eps)
 
 
+class WarmStart:
+    """The last converged top Ritz vector of each measured parameter set: the next measurement's start.
+
+    The next start is ``y / ||y|| + r / ||r||`` with ``r`` the measurement's seeded random vector: where the
+    top direction moved little, Lanczos converges in fewer products; the random half keeps what a random
+    start guarantees (a nonzero component along whatever is now the top eigenvector, so a stale ``y``
+    that is no longer the top direction cannot pass as converged after one step). One vector (this rank's
+    shards, in the operator's dtype) per parameter set. Not checkpointed: a resumed run starts cold.
+    """
+
+    def __init__(self) -> None:
+        self._vectors: dict[tuple[int, ...] | None, Any] = {}
+        self._since_failure: dict[tuple[int, ...] | None, int] = {}
+
+    #: after an unconverged measurement, this many converged ones (without a vector) before asking again
+    RECOVER = 2
+
+    def wants_vector(self, params: Sequence[Any] | None) -> bool:
+        """Whether to ask the solver for this measurement's Ritz vector: not after an unconverged
+        measurement of ``params`` until ``RECOVER`` have converged, because the solver builds the vector of
+        an unconverged run too (a second pass, about ``max_iter`` more products) and failures recur
+        (measured on the tiny GPT after warmup: converged and unconverged measurements alternating)."""
+        return self._since_failure.get(self.key(params), self.RECOVER) >= self.RECOVER
+
+    @staticmethod
+    def key(params: Sequence[Any] | None) -> tuple[int, ...] | None:
+        return None if params is None else tuple(id(p) for p in params)
+
+    def start(self, backend: Any, params: Sequence[Any] | None, seed: int) -> Any:
+        """The start vector for ``params`` (``None``: no usable previous vector, a cold random start)."""
+        y = self._vectors.get(self.key(params))
+        if y is None or len(y) != len(backend.specs):
+            return None
+        if any(tuple(t.shape) != tuple(spec.shape) for t, spec in zip(y, backend.specs)):
+            return None  # the parameters were re-sharded since: start cold
+        ny = backend.norm(y)
+        if not (math.isfinite(ny) and ny > 0.0):
+            return None
+        r = backend.randn(seed)
+        return backend.axpy_(1.0 / ny, y, backend.scale_(1.0 / backend.norm(r), r))
+
+    def record(self, params: Sequence[Any] | None, converged: bool, vector: Any = None) -> None:
+        """After a measurement: keep ``vector`` (only a converged one), or forget the old one."""
+        k = self.key(params)
+        if converged and vector is not None:
+            self._vectors[k] = vector
+        else:  # only a vector the checks passed seeds the next measurement
+            self._vectors.pop(k, None)
+        if converged:
+            if k in self._since_failure:
+                self._since_failure[k] += 1
+        else:
+            self._since_failure[k] = 0
+
+
 def measure_lambda_max(
     model: Any,
     loss_fn: Callable[..., Any],
@@ -65,6 +121,7 @@ def measure_lambda_max(
     parallel: Any = None,
     optimizer: Any = None,
     grad_fn: Callable[[], Any] | None = None,
+    warm: WarmStart | None = None,
 ) -> Estimate:
     """Top Hessian eigenvalue of ``loss_fn(model, batch)`` by Lanczos; collective over the job's ranks.
 
@@ -73,7 +130,8 @@ def measure_lambda_max(
     ``optimizer`` the Adam-preconditioned operator is measured; an optimizer without a usable second
     moment (no step taken yet) gives ``converged=False`` with the reason, never a number. ``grad_fn``
     (``mode="fd"`` only) computes gradients through the host's own step, e.g.
-    :func:`~lrscale_megatron.integrations.megatron_schedule.schedule_grad_fn`.
+    :func:`~lrscale_megatron.integrations.megatron_schedule.schedule_grad_fn`. With ``warm`` the solver
+    starts from the previous converged Ritz vector of ``params`` (:class:`WarmStart`) and stores this one's.
     """
     from lrscale_megatron.curvature import HessianOperator, lanczos
     from lrscale_megatron.parallel import resolve_context
@@ -94,7 +152,11 @@ def measure_lambda_max(
             op = preconditioned_operator(op, optimizer)
         except MomentsUnavailable as e:
             return Estimate(lambda_max=math.nan, converged=False, reason=f"no Adam preconditioner: {e}")
-    res = lanczos(op, k=1, max_iter=max_iter, tol=tol, seed=seed)
+    v0 = None if warm is None else warm.start(op.backend, params, seed)
+    want = warm is not None and warm.wants_vector(params)
+    res = lanczos(op, k=1, max_iter=max_iter, tol=tol, seed=seed, v0=v0, return_vectors=want)
+    if warm is not None:
+        warm.record(params, bool(res.converged), res.eigenvectors[0] if res.eigenvectors else None)
     lam = float(res.eigenvalues[0]) if len(res.eigenvalues) else math.nan
     return Estimate(
         lambda_max=lam,
@@ -118,6 +180,7 @@ def curvature_estimator(
     grad_fn: Callable[[], Any] | None = None,
     check: bool = True,
     reserve_bytes: int = 0,
+    warm: WarmStart | None = None,
 ) -> Estimator:
     """The estimator a scheduler attaches: :func:`measure_lambda_max` with the online settings.
 
@@ -125,9 +188,13 @@ def curvature_estimator(
     ``check`` (default) :func:`preflight` runs now and raises :class:`MeasurementRefused` for a
     setting that cannot be measured or a measurement that will not fit (``reserve_bytes``: device
     memory to keep for the training step's activations). With ``sync`` rank 0's estimate is broadcast
-    so every rank applies the same LR.
+    so every rank applies the same LR. With ``online.warm_start`` each measurement starts from the
+    previous one's Ritz vector (``warm``: a store to share with another estimator; default: a new one).
     """
     opt = optimizer if optimizer is not None else (getattr(engine, "optimizer", None) if engine else None)
+    if online.warm_start and warm is None:
+        warm = WarmStart()
+    store = warm if online.warm_start else None
     if check:
         mem = preflight(
             model, opt, online, engine=engine, parallel=parallel, batch=batch, reserve_bytes=reserve_bytes
@@ -147,6 +214,7 @@ def curvature_estimator(
             parallel=parallel,
             optimizer=opt if online.precondition else None,
             grad_fn=grad_fn,
+            warm=store,
         )
 
     return _broadcast_from_rank0(estimator) if sync else estimator
@@ -163,11 +231,13 @@ def online_estimators(
     """:func:`curvature_estimator` for the schedule's measurements, and a cheaper one (``online.warmup_tol``,
     preflight not repeated) for its measurements during warmup, or ``None`` when warmup has none or
     measures at the same tolerance. ``kwargs`` go to both (``sync``, ``parallel``, ``optimizer``, ...)."""
-    estimator = curvature_estimator(model, loss_fn, batch, online, **kwargs)
+    warm = kwargs.pop("warm", None) or WarmStart()  # both estimators continue from the same vectors
+    estimator = curvature_estimator(model, loss_fn, batch, online, warm=warm, **kwargs)
     if not (online.warmup_checks and online.warmup_tol != online.tol and warmup_steps > 0):
         return estimator, None
     cheap = online.model_copy(update={"tol": online.warmup_tol})  # same settings, looser tolerance
-    return estimator, curvature_estimator(model, loss_fn, batch, cheap, **{**kwargs, "check": False})
+    kw = {**kwargs, "check": False, "warm": warm}
+    return estimator, curvature_estimator(model, loss_fn, batch, cheap, **kw)
 
 
 def _broadcast_from_rank0(estimator: Estimator) -> Estimator:

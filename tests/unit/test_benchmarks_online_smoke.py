@@ -42,3 +42,6 @@ def test_online_overhead_quick(tmp_path):
     assert 0 < total < online_s and res["measured_fraction"] == [total / online_s]
     assert res["seconds_per_measurement"] == total  # one measurement: the median is that one
     assert res["load_before"] and "online_overhead.py --quick" in res["command"]
+    # the same-process figure: the measurement in units of the median iteration around it
+    (m_iters,) = res["measurement_in_iterations"]
+    assert m_iters > 0 and res["measured_fraction_local_iterations"] == [m_iters / 12]

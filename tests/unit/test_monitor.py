@@ -26,6 +26,7 @@ CONFIG = {
         "enabled": True,
         "adapt_every": 5,
         "warmup_checks": 1,
+        "warmup_first": None,  # the measurement schedule below: end of warmup, then every 5
         "combine": "online",
         "ema": 0.0,
         "max_change": 10.0,
@@ -163,7 +164,7 @@ def test_real_curvature_fills_n_matvec(tmp_path):
         total_steps=6,
         peak_lr=1e-3,
         warmup_steps=2,
-        online=OnlineConfig(enabled=True, max_iter=10, precondition=False),
+        online=OnlineConfig(enabled=True, max_iter=10, precondition=False, warmup_checks=2),
     )
     with LRScaleMonitor(tmp_path) as mon:
         sched = LRScaleScheduler(opt, cfg)

@@ -17,7 +17,7 @@ import random
 import pytest
 import torch
 
-from lrscale_megatron.adapter import Estimate, OnlineConfig
+from lrscale_megatron.adapter import Estimate, OnlineConfig, warmup_points
 from lrscale_megatron.schedule import lr_at
 from lrscale_megatron.scheduler import LRScaleConfig, LRScaleScheduler
 
@@ -85,7 +85,8 @@ def test_three_times_the_edge_is_cut_below_the_edge_at_the_first_measurement(sty
     while not sched.history:
         sched.step()
     first = sched.history[0]
-    assert first["step"] == WARMUP // 2 and first["action"] == "cut"  # early, during warmup
+    assert first["step"] == warmup_points(WARMUP, cfg.online)[0] == WARMUP // 10  # early: 10 % of warmup
+    assert first["action"] == "cut"
     lr_now = sched.optimizer.param_groups[0]["lr"]  # the LR in force right after the measurement
     assert lr_now < _offline(cfg, first["step"])
     assert seen[0] * lr_now / thr < 1.0  # below the edge for the curvature that was measured
@@ -129,7 +130,7 @@ def _noisy_estimator(sched: LRScaleScheduler, thr: float):
 
 @pytest.mark.parametrize("style", STYLES)
 def test_resume_mid_run_reproduces_the_decisions_bitwise(style):
-    cfg = _cfg(style, combine="max", adapt_every=20)
+    cfg = _cfg(style, combine="max", adapt_every=20, warmup_first=None)
     thr = cfg.online.threshold
 
     def make():
@@ -173,7 +174,7 @@ def test_resume_mid_run_reproduces_the_decisions_bitwise(style):
 @pytest.mark.parametrize("style", STYLES)
 def test_a_cut_scales_the_whole_schedule(style):
     """lr(t) = f(t) * peak: after a cut by r the LR in force is r x the offline schedule, floor included."""
-    cfg = _cfg(style)
+    cfg = _cfg(style, warmup_first=None, warmup_checks=2)  # the first check at WARMUP // 2
     sched = _sched(cfg)
     lam = 4.0 * cfg.online.threshold / _offline(cfg, WARMUP // 2)  # g = 4 at the first check, then <= 1
     sched.attach_estimator(lambda params: lam)

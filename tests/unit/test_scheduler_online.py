@@ -188,12 +188,18 @@ def test_curvature_peak_once_after_warmup():
 
 
 def test_measurement_points_in_iterations_and_samples():
-    cfg = OnlineConfig(enabled=True, adapt_every=100)
-    assert warmup_points(30, cfg) == [15, 30]
+    cfg = OnlineConfig(enabled=True, adapt_every=100, warmup_checks=2)
+    assert warmup_points(30, OnlineConfig()) == [3, 30]  # default: warmup_first (10 %), end of warmup
+    assert warmup_points(30, cfg) == [3, 15, 30]
+    assert warmup_points(30, cfg.model_copy(update={"warmup_first": None})) == [15, 30]
+    assert warmup_points(10, cfg) == [2, 5, 10]  # never before step 2 (one Adam step: v_hat = g^2)
+    assert warmup_points(1, cfg) == [1]
     due = [s for s in range(1, 401) if crossed(s - 1, s, cfg, warmup_steps=30)]
-    assert due == [15, 30, 100, 200, 300, 400]
+    assert due == [3, 15, 30, 100, 200, 300, 400]
     due = [s for s in range(1, 401) if crossed(s - 1, s, OnlineConfig(adapt_every=100, warmup_checks=3), 30)]
-    assert due == [10, 20, 30, 100, 200, 300, 400]
+    assert due == [3, 10, 20, 30, 100, 200, 300, 400]
+    no_checks = OnlineConfig(adapt_every=100, warmup_checks=0)
+    assert [s for s in range(1, 401) if crossed(s - 1, s, no_checks, 30)] == [100, 200, 300, 400]
     # Megatron-LM counts samples: increments of a global batch of 64 cross each multiple once.
     due = [s for s in range(64, 64 * 8, 64) if crossed(s - 64, s, cfg, warmup_steps=0)]
     assert due == [128, 256, 320, 448]  # crossing 100, 200, 300, 400
@@ -259,6 +265,7 @@ def test_real_hessian_operator_gauge_cuts_a_divergent_lr():
             combine="min",
             tol=1e-5,  # float32 products: the true-residual check cannot pass far below ~1e-6
             warmup_tol=1e-5,
+            warmup_first=None,  # the in-force rule at the end of warmup (the projection: test_online_warmup)
         ),
     )
     sched.attach_curvature(model, quad_loss, a)
@@ -336,7 +343,7 @@ def test_eos_rule_measures_the_adam_preconditioned_hessian():
     a = _quadratic()
     model = Quadratic()
     opt = torch.optim.Adam(model.parameters(), lr=1.0, betas=(0.9, 0.999), eps=1e-8)
-    sched = LRScaleScheduler(opt, _online_cfg(rule="eos", safety=0.5, warmup_checks=1))
+    sched = LRScaleScheduler(opt, _online_cfg(rule="eos", safety=0.5, warmup_checks=1, warmup_first=None))
     sched.attach_curvature(model, quad_loss, a)
     _train(sched, model, a, 5)  # one measurement at the end of warmup (step 5), after the 5th Adam step
     first = sched.history[0]
