@@ -258,6 +258,17 @@ def train_config_for(cfg: CompareConfig, spec: RunSpec) -> TrainConfig:
 
 
 def run_id(spec: RunSpec, tc: TrainConfig) -> str:
-    """``<schedule>-lr<peak>-s<seed>-<hash of the full train config>``: a file name and a cache key."""
-    digest = hashlib.sha256(json.dumps(tc.to_dict(), sort_keys=True, default=str).encode()).hexdigest()[:10]
+    """``<schedule>-lr<peak>-s<seed>-<hash of the full train config>``: a file name and a cache key.
+
+    An online arm's hash covers its online settings *with every default filled in*
+    (:class:`~lrscale_megatron.online_config.OnlineConfig`), so a change of a default makes a new key
+    instead of serving a run trained under the old one."""
+    from lrscale_megatron.online_config import OnlineConfig
+
+    key = tc.to_dict()
+    sched = key["deepspeed"].get("scheduler") or {}
+    online = (sched.get("params") or {}).get("online") if sched.get("type") == "LRScale" else None
+    if online is not None:
+        key["online_resolved"] = OnlineConfig.from_dict(online, "scheduler.params.online").to_dict()
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:10]
     return f"{spec.schedule}-lr{spec.peak_lr:.4g}-s{spec.seed}-{digest}"

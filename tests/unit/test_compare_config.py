@@ -97,3 +97,24 @@ def test_shipped_configs_validate(name: str) -> None:
     assert c.train_config_path().is_file()
     raw = json.loads((ROOT / "configs" / "compare" / name).read_text())
     assert list(c.ordered_arms) == [a for a in ARM_NAMES if a in raw["arms"]]
+
+
+def test_an_online_runs_cache_key_covers_the_online_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
+    from lrscale_megatron.compare.arms import RunSpec, run_id, train_config_for
+    from lrscale_megatron.online_config import OnlineConfig
+
+    cfg = compare_config_from_dict(
+        {**BASE, "train_config": str(ROOT / "configs/gpt/cpu-tiny.json"), "lrscale": {"law": None, "peak_lr": 1e-3}}
+    )
+    online, offline = RunSpec("lrscale_online", 1e-3, 0), RunSpec("lrscale", 1e-3, 0)
+    before = (run_id(online, train_config_for(cfg, online)), run_id(offline, train_config_for(cfg, offline)))
+    # a default of the policy changes (the config file does not): the online run must not be reused
+    field = OnlineConfig.model_fields["max_iter"]
+    monkeypatch.setattr(field, "default", int(field.default) + 7)
+    OnlineConfig.model_rebuild(force=True)
+    try:
+        after = (run_id(online, train_config_for(cfg, online)), run_id(offline, train_config_for(cfg, offline)))
+    finally:
+        monkeypatch.undo()
+        OnlineConfig.model_rebuild(force=True)
+    assert after[0] != before[0] and after[1] == before[1]
