@@ -15,6 +15,7 @@ import torch
 from lrscale_megatron.curvature.autodiff import refuse_untracked_backward, second_backward
 from lrscale_megatron.curvature.backend import Vector
 from lrscale_megatron.curvature.evaluation import substituted, upcast_rest
+from lrscale_megatron.curvature.perturb import perturb_, restore_
 
 if TYPE_CHECKING:
     from lrscale_megatron.curvature.operators import HessianOperator
@@ -130,18 +131,14 @@ def _grad_at(op: HessianOperator, v: Vector, h: float) -> Vector:
             return op.loss_and_grad(leaves)[1]
         finally:
             del leaves
-    # float32/float64 (and any user grad_fn): perturb the parameters in place, restore exactly from a copy
+    # float32/float64 (and any user grad_fn): perturb the parameters in place and restore them bit for bit
+    # without a parameter copy (:mod:`.perturb`: the check that subtracting h*v gives them back runs first)
     version = op._params_version()
-    saved = [p.detach().clone() for p in op.params]
+    saved = perturb_(op.params, v, h)
     try:
-        with torch.no_grad():
-            for p, vi in zip(op.params, v):
-                p.add_(vi.to(p.dtype), alpha=h)
         _, g = op.loss_and_grad()
     finally:
-        with torch.no_grad():
-            for p, s in zip(op.params, saved):
-                p.copy_(s)
+        restore_(op.params, v, h, saved)
         del saved
     if op._base_version == version:
         op._base_version = op._params_version()  # the perturbation was undone exactly
