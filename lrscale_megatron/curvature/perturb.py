@@ -1,4 +1,4 @@
-"""Perturb parameters in place, ``theta <- theta + h v``, and restore them bit for bit without a copy.
+"""Perturb parameters in place, ``theta <- theta + h v``, and restore them exactly without a copy.
 
 A finite-difference product evaluates the gradient at ``theta + h v``. Keeping a copy of ``theta`` to
 restore it afterwards costs one parameter-sized vector, the one that put the online measurement over
@@ -9,6 +9,7 @@ its memory budget (5 vectors). Instead, with ``d = fl(h * v)`` computed the same
   (``|h v_i|`` far above ``|theta_i|`` with ``theta_i`` carrying bits below the sum's last place; NaN or
   Inf) keep their original value in a sparse record (index and value), and a tensor that is not
   contiguous keeps a plain copy.
+  Restored means bit for bit, except that a ``-0.0`` may come back as ``+0.0`` (an equal value).
 * :func:`restore_` computes ``fl(t - d)`` (the very operation checked) and writes the recorded
   elements back: every element is restored exactly, and the check that proves it ran before the
   parameters were touched.
@@ -16,7 +17,9 @@ its memory budget (5 vectors). Instead, with ``d = fl(h * v)`` computed the same
 Work is done in groups of tensor slices of at most :data:`PERTURB_CHUNK` elements with ``torch._foreach``
 ops, so the temporaries are chunk-sized and the Python overhead is a few calls per chunk, not per
 element or per parameter. IEEE addition and subtraction are correctly rounded, so ``fl(t - d)`` is the
-same number in the check and in the restore on any device.
+same number in the check and in the restore on any device, and two different finite numbers have a
+nonzero difference (gradual underflow; with ``torch.set_flush_denormal(True)`` a difference below the
+normal range, i.e. parameters of magnitude ~1e-30 and below, could read as zero).
 """
 
 from __future__ import annotations
@@ -28,13 +31,6 @@ import torch
 
 #: elements per group of slices (two temporaries of this size are alive at once: 512 KiB in float32)
 PERTURB_CHUNK = 1 << 16
-_INT = {8: torch.int64, 4: torch.int32, 2: torch.int16}
-
-
-def _bits(x: torch.Tensor) -> torch.Tensor:
-    """The same memory as integers: equal views mean bit-identical values (``abs`` leaves the one
-    difference ``-0`` vs ``+0`` at the integer minimum, which ``max`` ignores: harmless)."""
-    return x.view(_INT[x.element_size()])
 
 
 @dataclass
@@ -92,24 +88,18 @@ def perturb_(params: Sequence[torch.Tensor], v: Sequence[torch.Tensor], h: float
     for ps, vs in _groups(params, v, skip):
         d = torch._foreach_mul(vs, h)
         t = torch._foreach_add(ps, d)
-        torch._foreach_neg_(d)
-        torch._foreach_add_(d, t)  # fl(t + (-d)) == fl(t - d), formed in d's buffer: two temporaries
-        # compared bit for bit (integer views): a difference flushed to zero, or a NaN, cannot hide
-        diff = [_bits(x) for x in d]
-        torch._foreach_sub_(diff, [_bits(x) for x in ps])
-        torch._foreach_abs_(diff)
-        bad = torch.stack(torch._foreach_max(diff))
-        del d, diff
+        torch._foreach_sub_(d, t)  # d - t == -fl(t - d) exactly (negation is exact): two temporaries
+        torch._foreach_add_(d, ps)  # 0 exactly where fl(t - d) == theta (NaN/Inf give NaN: kept)
+        bad = torch.stack(torch._foreach_norm(d, float("inf")))
         if not bool((bad == 0).all()):
             for j in torch.nonzero(bad != 0).flatten().tolist():
                 a = ps[j]
-                dj = torch._foreach_mul([vs[j]], h)  # the same operations as above and in restore_
-                wrong = _bits(torch._foreach_sub([t[j]], dj)[0]) != _bits(a)
-                idx = torch.nonzero(wrong).flatten()
+                idx = torch.nonzero(d[j]).flatten()  # d holds theta - fl(t - d): nonzero where it differs
                 if 3 * idx.numel() > a.numel():
                     saved.sparse.append((a, None, a.clone()))
                 else:
                     saved.sparse.append((a, idx, a[idx].clone()))
+        del d
         torch._foreach_copy_(ps, t)
         del t
     return saved
