@@ -154,8 +154,11 @@ def _grad_at(op: HessianOperator, v: Vector, h: float) -> Vector:
         finally:
             restore_(op.params, v, h, saved)
             del saved
+    after = op._params_version()
     if op._base_version == version:
-        op._base_version = op._params_version()  # the perturbation was undone exactly
+        op._base_version = after  # the perturbation was undone exactly
+    if op._theta_norm is not None and op._theta_norm[0] == version:
+        op._theta_norm = (after, op._theta_norm[1])  # likewise: ||theta|| is unchanged
     return g
 
 
