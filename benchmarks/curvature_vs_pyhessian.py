@@ -6,6 +6,7 @@ One process, CPU (2 threads)::
     python benchmarks/curvature_vs_pyhessian.py --quick    # smoke run, smaller problems, ~15 s
     python benchmarks/curvature_vs_pyhessian.py --threads 1  # torch.set_num_threads (default 2)
     python benchmarks/curvature_vs_pyhessian.py --problems neardegen   # one problem only
+    python benchmarks/curvature_vs_pyhessian.py --gpt1m --threads 1   # (c) only: ~1M-param LM, 1 % accuracy
 
 Needs ``pip install -c .venv/constraints.txt --no-deps pyhessian==0.1`` (GPL-3: a comparison peer, imported
 here only, never by the package).
@@ -382,6 +383,105 @@ def wall(p: Problem, repeats: int, quick: bool) -> WallRow:
     return WallRow(p.label, best, ph)
 
 
+# ------------------------------------------------------------------------------------------ (c) ~1M LM
+def gpt1m_problem(quick: bool) -> Problem:
+    """``gpt1m``: TorchGPT V=256, S=64, H=128, L=4 (834,304 parameters; ``--quick``: the small shape),
+    30 AdamW steps in float32, float32 Hessian on one batch (B=4). Reference lambda_max: float64 exact
+    Lanczos at the same weights (tol 1e-10); refused if the largest-magnitude eigenvalue is not
+    lambda_max (PyHessian's power iteration would then target another eigenvalue)."""
+    cfg = (
+        TorchGPTConfig(vocab_size=256, seq_length=16, hidden_size=32, num_layers=2, num_heads=4)
+        if quick
+        else TorchGPTConfig(vocab_size=256, seq_length=64, hidden_size=128, num_layers=4, num_heads=4)
+    )
+    torch.manual_seed(0)
+    m = TorchGPT(cfg)
+    m.init_weights(0)
+    opt = torch.optim.AdamW(m.parameters(), lr=3e-3)
+    for s in range(5 if quick else 30):
+        b = byte_batch(8, cfg.seq_length, seed=1000 + s)
+        loss = torch_gpt_loss(m, {"tokens": b["tokens"], "labels": b["labels"]})
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    for p in m.parameters():
+        p.grad = None
+    b = byte_batch(4, cfg.seq_length, seed=0)
+    batch = {"tokens": b["tokens"], "labels": b["labels"]}
+    ref64 = TorchGPT(cfg).double()
+    ref64.load_state_dict({k: v.double() for k, v in m.state_dict().items()})
+    ref_op = HessianOperator(ref64, torch_gpt_loss, batch, mode="exact")
+    la = lanczos(ref_op, k=1, max_iter=40 if quick else 120, tol=1e-10, seed=12345, which="LA")
+    lm = lanczos(ref_op, k=1, max_iter=40 if quick else 120, tol=1e-10, seed=12345, which="LM")
+    if not math.isclose(la.eigenvalues[0], lm.eigenvalues[0], rel_tol=1e-6):
+        raise RuntimeError(
+            f"gpt1m: largest magnitude {lm.eigenvalues[0]} is not lambda_max {la.eigenvalues[0]}"
+        )
+    del ref64, ref_op
+    return Problem(
+        "gpt1m",
+        torch.float32,
+        m,
+        torch_gpt_loss,
+        batch,
+        _FlatLogits(m),
+        F.cross_entropy,
+        (batch["tokens"], batch["labels"].reshape(-1)),
+        (la.eigenvalues[0],),
+        top5_vs_pyhessian=False,
+    )
+
+
+def wall_1m(p: Problem, repeats: int, rel: float) -> str:
+    """Wall time to lambda_max within ``rel``: each method's fewest-products accurate tol (as in (b)),
+    then timed interleaved, min of ``repeats``. lrscale modes: ``exact`` and ``fd`` with the default
+    k=1 path (no stored basis: second pass + 2 check products) and ``fd keep`` (``basis="keep"``:
+    no second pass, ``max_iter`` stored vectors)."""
+    ref = p.ref[0]
+    modes = {"exact": ("exact", "auto"), "fd": ("fd-forward", "auto"), "fd keep": ("fd-forward", "keep")}
+    chosen: dict[str, float] = {}
+    for name, (mode, basis) in modes.items():
+        best = None
+        for tol in (1e-1, 3e-2, 1e-2, 3e-3, 1e-3):
+            r = lanczos(op_for(p, mode), k=1, max_iter=60, tol=tol, seed=0, basis=basis)  # type: ignore[arg-type]
+            if rel_err(r.eigenvalues[0], ref) <= rel and (best is None or r.n_matvec < best[1]):
+                best = (tol, r.n_matvec)
+        if best is not None:
+            chosen[name] = best[0]
+    ph_best = None
+    for tol in (1e-2, 3e-3, 1e-3, 1e-4):
+        vals, rec = run_pyhessian(p, 1, 300, tol, seed=0, record=False)
+        if rel_err(vals[0], ref) <= rel and (ph_best is None or rec.count < ph_best[1]):
+            ph_best = (tol, rec.count)
+    res: dict[str, tuple[float, int, float, float, bool]] = {}
+    for _ in range(repeats):
+        for name, tol in chosen.items():
+            mode, basis = modes[name]
+            sec, r = _timed(lambda: lanczos(op_for(p, mode), k=1, max_iter=60, tol=tol, seed=0, basis=basis))  # type: ignore[arg-type]  # noqa: B023
+            if name not in res or sec < res[name][2]:
+                res[name] = (tol, r.n_matvec, sec, rel_err(r.eigenvalues[0], ref), r.converged)
+        if ph_best is not None:
+            tph = ph_best[0]
+            sec, (vals, rec) = _timed(lambda: run_pyhessian(p, 1, 300, tph, seed=0, record=False))  # noqa: B023
+            if "pyhessian" not in res or sec < res["pyhessian"][2]:
+                res["pyhessian"] = (tph, rec.count, sec, rel_err(vals[0], ref), True)
+    n = sum(q.numel() for q in p.model.parameters())
+    ph = res.get("pyhessian")
+    out = [
+        f"### (c) {p.label} ({n:,} parameters, lambda_max {ref:.6g}): wall time to lambda_max within {rel:g}",
+        "",
+        "| method | tol | products | s (min of repeats) | rel err | converged | / PyHessian (target <= 0.4) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, (tol, k, sec, err, conv) in res.items():
+        ratio = "" if name == "pyhessian" or ph is None else f"{sec / ph[2]:.3f}"
+        out.append(f"| {name} | {tol:g} | {k} | {sec:.3f} | {err:.1e} | {conv} | {ratio} |")
+    for name in modes:
+        if name not in res:
+            out.append(f"| {name} | no tol reached {rel:g} | | | | | |")
+    return "\n".join(out)
+
+
 # ------------------------------------------------------------------------------------------ report
 def _n(x: int | None) -> str:
     return "not reached" if x is None else str(x)
@@ -488,8 +588,19 @@ def main() -> None:
         help="torch.set_num_threads (under heavy load on a 2-core machine, 2 threads can be 100x slower)",
     )
     ap.add_argument("--problems", default="gpt,neardegen", help="comma-separated subset of gpt,neardegen")
+    ap.add_argument(
+        "--gpt1m", action="store_true", help="only (c): wall time to lambda_max on the ~1M-parameter LM"
+    )
+    ap.add_argument("--rel", type=float, default=1e-2, help="(c): relative error that counts as reached")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    if args.gpt1m:
+        t0 = time.perf_counter()
+        print(wall_1m(gpt1m_problem(args.quick), 1 if args.quick else args.repeats, args.rel))
+        print(
+            f"\n({time.perf_counter() - t0:.0f} s, {torch.get_num_threads()} threads, load {os.getloadavg()})"
+        )
+        return
     try:
         import pyhessian  # noqa: F401
     except ImportError as e:

@@ -16,14 +16,20 @@ activation recompute           with ``grad_fn`` only  refused (the recomputed ba
                                                       megatron's checkpoint)
 =============================  =====================  ==========================================
 
-Memory (:func:`measurement_memory`, bytes on one GPU, over this rank's parameter shards ``N``): the
-measurement keeps fp32 vectors: Lanczos' three (``q_prev``, ``q``, ``w``: the low-memory recurrence,
-independent of ``max_iter``) and one for the true-residual check; with the Adam preconditioner the scale
-and the scaled input; with finite differences the cached base gradient, the perturbed gradient, its
-difference and an fp32 copy of the perturbed parameters, plus one raw gradient in the parameter dtype;
-exact products keep the product, the tangent in the parameter dtype and the first backward's graph
-(about twice one micro-batch's activations). The forward/backward of the held micro-batch itself fits in
-the memory the training step's activations free, so it is not counted as extra.
+Memory (:func:`measurement_memory`, bytes on one GPU, over this rank's parameter shards ``N``), counted
+on the code as it runs (``tests/unit/test_preflight.py::test_fd_estimate_matches_a_counted_measurement``
+holds the estimate to a counted ``k=1`` fd measurement): with finite differences (the online default)
+the measurement holds, over one training forward+backward, :data:`FD_VECTORS` = 4 vectors in the vector
+dtype (fp32; fp64 for fp64 models): Lanczos' ``q``, ``q_prev`` and the Ritz vector of its second pass
+(independent of ``max_iter``) and the cached base gradient. The perturbed parameters are restored by
+subtraction, without a copy (``fd_restore="copy"``: one more vector in the parameter dtype). With the
+Adam preconditioner: :data:`PRECONDITION_VECTORS` = 2 more (the scale and the scaled input). With
+bf16/fp16 parameters the loss is evaluated at fp32 substitutes: one more fp32 vector, and the forward
+runs in fp32, so one more micro-batch of activations (``activation_bytes``). Exact products keep
+:data:`EXACT_FP32_VECTORS` fp32 vectors (Lanczos' three and the product), the tangent in the parameter
+dtype and the gradient kept with its graph, and the graph itself (about twice one micro-batch's
+activations). The product's own gradient takes the place of the training step's gradient, and its
+forward/backward fits in the memory the training step's activations free, so neither is counted.
 """
 
 from __future__ import annotations
@@ -37,7 +43,12 @@ import torch
 logger = logging.getLogger(__name__)
 
 GIB = 1024**3
-LANCZOS_VECTORS = 4  # q_prev, q, w + the true-residual product
+#: fd, k=1: q, q_prev, the Ritz vector (second pass), the cached base gradient (module docstring)
+FD_VECTORS = 4
+#: the Adam preconditioner's scale P^-1/2 and the scaled input of each product
+PRECONDITION_VECTORS = 2
+#: exact products: q, q_prev, the Ritz vector and the product
+EXACT_FP32_VECTORS = 4
 FREE_MEMORY_MARGIN = 0.9  # refuse when the measurement needs more than this share of free memory
 
 
@@ -70,7 +81,8 @@ class MeasurementMemory:
 
     def render(self) -> str:
         unit, scale = ("GiB", GIB) if self.total_bytes >= GIB else ("MiB", 1024**2)
-        graph = f" + graph {self.graph_bytes / scale:.2f}" if self.mode == "exact" else ""
+        what = "graph" if self.mode == "exact" else "fp32 forward"
+        graph = f" + {what} {self.graph_bytes / scale:.2f}" if self.graph_bytes else ""
         return (
             f"measurement extra {self.total_bytes / scale:.2f} {unit} = vectors {self.vectors_bytes / scale:.2f}"
             f"{graph} (hvp={self.mode}, k=1, any max_iter, {self.bytes_per_param:.1f} B/param, "
@@ -79,25 +91,37 @@ class MeasurementMemory:
 
 
 def measurement_memory(
-    n_params: int, *, mode: str, param_bytes: int, precondition: bool = True, activation_bytes: int = 0
+    n_params: int,
+    *,
+    mode: str,
+    param_bytes: int,
+    precondition: bool = True,
+    activation_bytes: int = 0,
+    fd_restore: str = "subtract",
 ) -> MeasurementMemory:
     """Extra bytes of one ``k=1`` measurement over ``n_params`` local parameter elements (module docstring).
 
-    ``activation_bytes``: one micro-batch's activations (for the exact mode's graph).
+    ``activation_bytes``: one micro-batch's activations (the exact mode's graph; the fp32 forward of
+    bf16/fp16 models in fd mode).
     """
     if mode not in ("fd", "exact"):
         raise ValueError(f"mode={mode!r} is not 'fd' or 'exact'")
-    fp32 = LANCZOS_VECTORS + (2 if precondition else 0)
-    raw = 0
+    if fd_restore not in ("subtract", "copy"):
+        raise ValueError(f"fd_restore={fd_restore!r} is not 'subtract' or 'copy'")
+    low = param_bytes < 4
+    vbytes = 8 if param_bytes == 8 else 4  # the vector dtype: fp32, fp64 for fp64 models
+    pre = PRECONDITION_VECTORS if precondition else 0
     if mode == "fd":
-        fp32 += 4  # base gradient, perturbed gradient, their difference, fp32 copy of the parameters
-        raw = 1  # the raw gradient in the parameter dtype
-        graph = 0
+        per = vbytes * (FD_VECTORS + pre)
+        if low:
+            per += 4  # fp32 substitutes of the parameters
+        elif fd_restore == "copy":
+            per += param_bytes
+        graph = int(activation_bytes) if low else 0  # the fp32 forward of a bf16/fp16 model
     else:
-        fp32 += 1  # the product
-        raw = 2  # the tangent in the parameter dtype, the gradient kept with its graph
+        per = vbytes * (EXACT_FP32_VECTORS + pre) + 2 * param_bytes  # + tangent, gradient with its graph
         graph = 2 * int(activation_bytes)
-    vectors = n_params * (4 * fp32 + param_bytes * raw)
+    vectors = n_params * per
     return MeasurementMemory(mode, int(n_params), int(param_bytes), int(vectors), graph, precondition)
 
 

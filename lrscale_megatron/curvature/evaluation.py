@@ -38,7 +38,11 @@ def deterministic_loss(model: torch.nn.Module, eval_mode: bool = True) -> Iterat
             for m, _ in flags:
                 m.training = False
         with torch.random.fork_rng(devices=devices):
-            torch.manual_seed(MEASUREMENT_SEED)
+            # the generators fork_rng saved and restores (torch.manual_seed would also queue lazy seeds
+            # for every uninitialised backend, ~1.6 ms per evaluation)
+            torch.default_generator.manual_seed(MEASUREMENT_SEED)
+            for d in devices:
+                torch.cuda.default_generators[d].manual_seed(MEASUREMENT_SEED)
             yield
     finally:
         for m, f in flags:

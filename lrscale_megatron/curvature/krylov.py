@@ -11,9 +11,9 @@ masks that change between products, a double backward that drops a path, a finit
 by round-off) can make the estimate tiny while the Ritz value is wrong. The check spends one fresh
 product per wanted Ritz vector ``y`` and one more for symmetry:
 
-* ``||A y - theta y|| / ||y|| <= 10 tol * max(|theta_1|, tiny)`` (plus a rounding floor; the factor is
+* ``||A y - theta y|| / ||y|| <= 3 tol * max(|theta_1|, tiny)`` (plus a rounding floor; the factor is
   :data:`TRUE_RESIDUAL_SLACK`), with ``A y`` a new product, not the recurrence's bookkeeping;
-* ``|z^T A y - y^T A z| <= 10 tol * |theta_1| ||y|| ||z||`` for a random unit ``z``: a non-symmetric
+* ``|z^T A y - y^T A z| <= 3 tol * |theta_1| ||y|| ||z||`` for a random unit ``z``: a non-symmetric
   operator fails it even where the recurrence found a genuine (right) eigenvector of it.
 """
 
@@ -39,8 +39,10 @@ BREAKDOWN_EPS_FACTOR = 100.0
 #: residual of a Ritz vector up to a few times the recurrence's estimate at ``tol ~ 1e-3`` (measured 1.9x
 #: on a bf16 MLP and a trained GPT); a noisy or non-symmetric operator misses by orders of magnitude.
 #: Since ``|lambda - theta| <= ||A y - theta y||`` for a symmetric ``A``, a passing pair's eigenvalue is
-#: within ``TRUE_RESIDUAL_SLACK * tol`` relative (and typically within ``residual**2 / gap``).
-TRUE_RESIDUAL_SLACK = 10.0
+#: within ``TRUE_RESIDUAL_SLACK * tol`` relative (and typically within ``residual**2 / gap``). 3 (was 10)
+#: keeps 1.5x headroom over the fd products measured and refuses an operator whose asymmetry or noise is
+#: 3-10x tol (``tests/unit/test_curvature_solvers.py::test_mild_asymmetry_between_3_and_10_tol_is_refused``).
+TRUE_RESIDUAL_SLACK = 3.0
 #: seed offset of the random probe ``z`` of the symmetry check (kept away from start/restart seeds)
 SYMMETRY_SEED_OFFSET = 7919
 
@@ -167,16 +169,17 @@ def check_ritz_pairs(
         if not be.is_finite(ay):
             return residuals, f"non-finite product in the true-residual check of Ritz pair {i}", n_matvec
         ynorm = be.norm(y)
-        r = be.clone(ay)
+        # the residual is formed in the product's own buffer (no extra vector); z^T A y = z^T r + theta z^T y
+        r = ay if getattr(op, "returns_new_tensors", False) else be.clone(ay)
+        del ay
         be.axpy_(-theta, y, r)
         res = be.norm(r) / max(ynorm, TINY)
-        del r
         residuals.append(res)
         if i == 0:
             z = be.randn(seed + SYMMETRY_SEED_OFFSET)
             be.scale_(1.0 / be.norm(z), z)
-            z_ay = be.dot(z, ay)
-        del ay
+            z_ay = be.dot(z, r) + theta * be.dot(z, y)
+        del r
         if not (res <= bound):
             return (
                 residuals,

@@ -18,8 +18,10 @@ micro-batches and over data-parallel replicas) to a per-parameter vector, in one
   evaluated on tensors the operator owns (:func:`.evaluation.substituted`), in float32 for bfloat16 /
   float16 parameters, so the perturbation is not rounded away (in bf16, 1,583 of 28,032 parameters
   moved and lambda was 30.6 for 11.47). No double backward: fd never enables the TP patch. With a user
-  ``grad_fn`` (e.g. megatron's pipeline schedule) the parameters are perturbed in place and restored
-  exactly from a copy; bfloat16/float16 parameters are refused there.
+  ``grad_fn`` (e.g. megatron's pipeline schedule) and for float32/float64 parameters, the parameters are
+  perturbed in place and restored exactly by subtracting ``h v`` again, checked before perturbing
+  (:mod:`.perturb`; no parameter copy), or from a copy (``fd_restore="copy"``); bfloat16/float16
+  parameters are refused with a ``grad_fn``.
 * ``"jvp"`` -- forward-over-reverse with ``torch.func.jvp(grad(L))``; plain PyTorch models only.
 
 Every evaluation of the loss is deterministic: dropout off and random generators fixed and restored
@@ -58,6 +60,7 @@ LossFn = Callable[[torch.nn.Module, Any], torch.Tensor]
 GradFn = Callable[[], "tuple[float, list[torch.Tensor]]"]
 MODES = ("exact", "fd", "jvp")
 FD_SCHEMES = ("forward", "central")
+FD_RESTORE = ("subtract", "copy")
 
 
 def _is_microbatch_list(batch: Any) -> bool:
@@ -87,6 +90,11 @@ class HessianOperator:
             the training mode; the random generators are fixed per evaluation either way.
         reuse_graph: exact mode: keep the first gradient's graph across products. Default: when there
             is one micro-batch and no pipeline parallelism (memory: one graph per micro-batch).
+        fd_restore: how fd mode puts float32/float64 parameters back after evaluating at ``θ + h v``:
+            ``"subtract"`` (default) subtracts ``h v`` again, exact by a check made before perturbing
+            (:mod:`.perturb`; no parameter copy: the measurement stays within 4 vectors); ``"copy"``
+            keeps a copy of the parameters (one more vector, fewer elementwise passes: faster where a
+            forward+backward is cheap next to a pass over the parameters).
     """
 
     returns_new_tensors = True
@@ -107,6 +115,7 @@ class HessianOperator:
         input_setter: Callable[[torch.nn.Module, torch.Tensor | None], None] | None = None,
         eval_mode: bool = True,
         reuse_graph: bool | None = None,
+        fd_restore: str = "subtract",
     ) -> None:
         if mode not in MODES:
             raise ValueError(f"HessianOperator mode={mode!r} is not one of {MODES}")
@@ -114,6 +123,9 @@ class HessianOperator:
             raise ValueError(f"HessianOperator fd_scheme={fd_scheme!r} is not one of {FD_SCHEMES}")
         if fd_eps is not None and not (fd_eps > 0 and math.isfinite(fd_eps)):
             raise ValueError(f"HessianOperator fd_eps={fd_eps!r} must be a positive finite number")
+        if fd_restore not in FD_RESTORE:
+            raise ValueError(f"HessianOperator fd_restore={fd_restore!r} is not one of {FD_RESTORE}")
+        self.fd_restore = fd_restore
         if grad_fn is not None and mode != "fd":
             raise ValueError(f"grad_fn is only used with mode='fd' (got mode={mode!r})")
         self.model = model
@@ -362,6 +374,7 @@ class HessianOperator:
             input_setter=self.input_setter,
             eval_mode=self.eval_mode,
             reuse_graph=self.reuse_graph,
+            fd_restore=self.fd_restore,
         )
 
     @property

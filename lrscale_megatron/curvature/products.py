@@ -15,6 +15,7 @@ import torch
 from lrscale_megatron.curvature.autodiff import refuse_untracked_backward, second_backward
 from lrscale_megatron.curvature.backend import Vector
 from lrscale_megatron.curvature.evaluation import substituted, upcast_rest
+from lrscale_megatron.curvature.perturb import perturb_, restore_
 
 if TYPE_CHECKING:
     from lrscale_megatron.curvature.operators import HessianOperator
@@ -92,7 +93,7 @@ def _exact_graph(op: HessianOperator):
 
 
 def hvp_fd(op: HessianOperator, v: Vector) -> Vector:
-    vnorm = op.backend.norm(v)
+    vnorm = op.backend.norm_estimate(v)  # h is a step size: float32 accuracy is plenty
     if not math.isfinite(vnorm):
         return [torch.full_like(x, float("nan")) for x in v]
     if vnorm == 0.0:
@@ -104,13 +105,14 @@ def hvp_fd(op: HessianOperator, v: Vector) -> Vector:
             op._base = op.loss_and_grad()
             op._base_version = op._params_version()
         gp = _grad_at(op, v, h)
-        for a, b in zip(gp, op._base[1]):
-            a.sub_(b).div_(h)
+        torch._foreach_sub_(gp, op._base[1])
+        torch._foreach_div_(gp, h)
         return gp
     gp = _grad_at(op, v, h)
     gm = _grad_at(op, v, -h)
-    for a, b in zip(gp, gm):
-        a.sub_(b).div_(2 * h)
+    torch._foreach_sub_(gp, gm)
+    del gm
+    torch._foreach_div_(gp, 2 * h)
     return gp
 
 
@@ -130,21 +132,33 @@ def _grad_at(op: HessianOperator, v: Vector, h: float) -> Vector:
             return op.loss_and_grad(leaves)[1]
         finally:
             del leaves
-    # float32/float64 (and any user grad_fn): perturb the parameters in place, restore exactly from a copy
+    # float32/float64 (and any user grad_fn): perturb the parameters in place and restore them bit for bit
+    # without a parameter copy (:mod:`.perturb`: the check that subtracting h*v gives them back runs first)
     version = op._params_version()
-    saved = [p.detach().clone() for p in op.params]
-    try:
-        with torch.no_grad():
-            for p, vi in zip(op.params, v):
-                p.add_(vi.to(p.dtype), alpha=h)
-        _, g = op.loss_and_grad()
-    finally:
-        with torch.no_grad():
-            for p, s in zip(op.params, saved):
-                p.copy_(s)
-        del saved
+    if op.fd_restore == "copy":  # one parameter-sized copy, fewer elementwise passes
+        copy = [p.detach().clone() for p in op.params]
+        try:
+            with torch.no_grad():
+                torch._foreach_add_(
+                    [p.detach() for p in op.params], [vi.to(p.dtype) for vi, p in zip(v, op.params)], alpha=h
+                )
+            _, g = op.loss_and_grad()
+        finally:
+            with torch.no_grad():
+                torch._foreach_copy_([p.detach() for p in op.params], copy)
+            del copy
+    else:
+        saved = perturb_(op.params, v, h)
+        try:
+            _, g = op.loss_and_grad()
+        finally:
+            restore_(op.params, v, h, saved)
+            del saved
+    after = op._params_version()
     if op._base_version == version:
-        op._base_version = op._params_version()  # the perturbation was undone exactly
+        op._base_version = after  # the perturbation was undone exactly
+    if op._theta_norm is not None and op._theta_norm[0] == version:
+        op._theta_norm = (after, op._theta_norm[1])  # likewise: ||theta|| is unchanged
     return g
 
 

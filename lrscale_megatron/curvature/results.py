@@ -31,7 +31,7 @@ class EigenResult:
         residuals: ``||A y_i - theta_i y_i|| / ||y_i||`` for each Ritz pair, same order: from fresh
             products once a result was checked, else the solver's estimates.
         converged: the solver's residual estimates satisfied ``tol`` and the true residuals of the
-            Ritz vectors (fresh products) ``residual <= 10 * tol * max(|theta_1|, tiny)``, and the
+            Ritz vectors (fresh products) ``residual <= 3 * tol * max(|theta_1|, tiny)``, and the
             symmetry probe passed (:mod:`lrscale_megatron.curvature.krylov`).
         n_matvec: operator applications spent.
         reason: why the solver stopped without converging (``"max_iter"``, ``"non-finite ..."``,

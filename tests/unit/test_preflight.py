@@ -134,3 +134,44 @@ def test_curvature_estimator_runs_preflight_when_attached():
         curvature_estimator(
             m, lambda mod, b: mod(b).sum(), torch.ones(2, 4), FD, sync=False, optimizer=_adam(m)
         )
+
+
+@pytest.mark.parametrize(
+    ("dtype", "precondition"), [(torch.float32, False), (torch.float32, True), (torch.bfloat16, False)]
+)
+def test_fd_estimate_matches_a_counted_measurement(dtype, precondition, monkeypatch):
+    """measurement_memory(fd) against the storages a k=1 fd Lanczos measurement (second pass, tol=0:
+    the worst case) allocates over one training forward+backward, counted on CPU."""
+    from lrscale_megatron.curvature import HessianOperator, PreconditionedOperator, lanczos, perturb
+    from lrscale_megatron.curvature.memtrack import LiveTensorBytes
+    from lrscale_megatron.models.torch_gpt import TorchGPT, TorchGPTConfig, torch_gpt_loss
+
+    monkeypatch.setattr(perturb, "PERTURB_CHUNK", 2048)  # chunk temporaries small next to this model
+    model = TorchGPT(TorchGPTConfig(vocab_size=64, seq_length=16, hidden_size=32, num_layers=2, num_heads=4))
+    model.init_weights(0)
+    model = model.to(dtype)
+    tok = torch.randint(0, 64, (4, 17), generator=torch.Generator().manual_seed(0))
+    batch = {"tokens": tok[:, :-1], "labels": tok[:, 1:]}
+
+    def loss_fn(m, b):
+        return torch_gpt_loss(m, b).float()
+
+    params = list(model.parameters())
+    n, pbytes = sum(p.numel() for p in params), params[0].element_size()
+    with LiveTensorBytes() as mem:
+        g = torch.autograd.grad(loss_fn(model, batch), params)
+        del g
+    train = mem.peak
+    op = HessianOperator(model, loss_fn, batch, mode="fd")
+    a = op
+    if precondition:
+        a = PreconditionedOperator(op, [torch.rand(p.shape) for p in params])
+    with LiveTensorBytes() as mem:
+        r = lanczos(a, k=1, max_iter=6, tol=0.0, seed=0, return_vectors=True)
+        op.release()
+        del r
+    counted = mem.peak - train + (4 * n if precondition else 0)  # + the scale, made when attached
+    est = measurement_memory(
+        n, mode="fd", param_bytes=pbytes, precondition=precondition, activation_bytes=train - n * pbytes
+    )
+    assert est.total_bytes == pytest.approx(counted, rel=0.03), (est.total_bytes / n, counted / n)
