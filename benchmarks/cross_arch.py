@@ -36,11 +36,11 @@ from typing import Any
 import numpy as np
 
 from lrscale_megatron.sweep.cli import prepare_data
-from lrscale_megatron.sweep.megatron import GPTSweepSettings, gpt_train_fn
-from lrscale_megatron.sweep.runner import SweepGrid, run_sweep
+from lrscale_megatron.sweep.megatron import gpt_train_fn
+from lrscale_megatron.sweep.runner import run_sweep
 from lrscale_megatron.sweep.store import SweepStore, run_id
 from lrscale_megatron.tune.config import load_tune_config
-from lrscale_megatron.tune.ladder import load_target
+from lrscale_megatron.tune.ladder import load_target, target_sweep
 from lrscale_megatron.tune.report import fit_ladder
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -110,29 +110,7 @@ def target_runs(
     """Final validation loss of the target at each LR and seed (resumable store next to the ladder)."""
     cfg = load_tune_config(ROOT / TUNE[name])
     t = load_target(cfg)
-    settings = GPTSweepSettings(
-        base_config=t.path,
-        head_dim=t.head_dim,
-        warmup_fraction=t.warmup_steps / t.steps,
-        evals=2,
-        eval_batches=eval_batches,
-        overrides=tuple(cfg.target_overrides),
-    )
-    configs = []
-    for seed in seeds:
-        for lr in lrs:
-            g = SweepGrid(
-                widths=(t.width,),
-                depths=(t.depth,),
-                token_budgets=(t.tokens,),
-                batch_tokens=(t.batch_tokens,),
-                lr_min=lr,
-                lr_max=lr,
-                n_lr=1,
-                seq_len=t.seq_len,
-                base={"seed": seed},
-            )
-            configs += g.expand()
+    settings, configs = target_sweep(cfg, t, lrs, seeds, eval_batches)
     store_path = ROOT / OUT[name] / "cross-arch-target.sqlite"
     prepare_data(settings, t.seq_len)
     run_sweep(

@@ -25,11 +25,11 @@ from pathlib import Path
 import numpy as np
 
 from lrscale_megatron.sweep.cli import prepare_data
-from lrscale_megatron.sweep.megatron import GPTSweepSettings, gpt_train_fn
-from lrscale_megatron.sweep.runner import SweepGrid, run_sweep
+from lrscale_megatron.sweep.megatron import gpt_train_fn
+from lrscale_megatron.sweep.runner import run_sweep
 from lrscale_megatron.sweep.store import SweepStore, run_id
 from lrscale_megatron.tune.config import load_tune_config
-from lrscale_megatron.tune.ladder import load_target
+from lrscale_megatron.tune.ladder import load_target, target_sweep
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -62,32 +62,10 @@ def main(argv: list[str] | None = None) -> int:
     pred = json.loads((out / "prediction.json").read_text())
     cfg = load_tune_config(args.config)
     t = load_target(cfg)
-    settings = GPTSweepSettings(
-        base_config=t.path,
-        head_dim=t.head_dim,
-        warmup_fraction=t.warmup_steps / t.steps,
-        evals=2,
-        eval_batches=args.eval_batches,
-        overrides=tuple(cfg.target_overrides),
-    )
     seeds = [int(s) for s in args.seeds.split(",")]
     grid_lrs = sorted(float(x) for x in args.grid.split(","))
     lrs = sorted({*grid_lrs, float(f"{pred['peak_lr']:.6g}")})
-    configs = []
-    for seed in seeds:
-        for lr in lrs:
-            g = SweepGrid(
-                widths=(t.width,),
-                depths=(t.depth,),
-                token_budgets=(t.tokens,),
-                batch_tokens=(t.batch_tokens,),
-                lr_min=lr,
-                lr_max=lr,
-                n_lr=1,
-                seq_len=t.seq_len,
-                base={"seed": seed},
-            )
-            configs += g.expand()
+    settings, configs = target_sweep(cfg, t, lrs, seeds, args.eval_batches)
     store_path = out / "target-check.sqlite"
     prepare_data(settings, t.seq_len)
     t0 = time.monotonic()

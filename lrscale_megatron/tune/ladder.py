@@ -245,3 +245,38 @@ def derive_ladder(cfg: TuneConfig, target: Target | None = None) -> Ladder:
         },
     }
     return Ladder(t, sweep, head_dim)
+
+
+def target_sweep(
+    cfg: TuneConfig, target: Target, lrs: list[float], seeds: list[int], eval_batches: int
+) -> tuple[Any, list[dict[str, Any]]]:
+    """The sweep settings and points that train the *target itself* at each of ``lrs`` for each of
+    ``seeds`` (a grid to check a prediction against): ``(GPTSweepSettings, configs)`` for
+    :func:`lrscale_megatron.sweep.runner.run_sweep`."""
+    from lrscale_megatron.sweep.megatron import GPTSweepSettings
+    from lrscale_megatron.sweep.runner import SweepGrid
+
+    settings = GPTSweepSettings(
+        base_config=target.path,
+        head_dim=target.head_dim,
+        warmup_fraction=target.warmup_steps / target.steps,
+        evals=2,
+        eval_batches=eval_batches,
+        overrides=tuple(cfg.target_overrides),
+    )
+    configs: list[dict[str, Any]] = []
+    for seed in seeds:
+        for lr in lrs:
+            grid = SweepGrid(
+                widths=(target.width,),
+                depths=(target.depth,),
+                token_budgets=(target.tokens,),
+                batch_tokens=(target.batch_tokens,),
+                lr_min=lr,
+                lr_max=lr,
+                n_lr=1,
+                seq_len=target.seq_len,
+                base={"seed": seed},
+            )
+            configs += grid.expand()
+    return settings, configs

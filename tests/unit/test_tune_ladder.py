@@ -115,3 +115,22 @@ def test_a_train_config_is_a_tune_config_with_defaults(tmp_path):
     cfg = load_tune_config(TARGET)
     assert cfg.target == str(Path(TARGET).resolve()) and cfg.ladder.n_proxies == 4
     assert cfg.launcher == "local" and cfg.ladder.tokens == "fixed"
+
+
+def test_target_sweep_trains_the_target_itself_at_each_lr_and_seed():
+    from lrscale_megatron.tune.ladder import load_target, target_sweep
+
+    cfg = load_tune_config(ROOT / "configs" / "tune" / "cpu-demo.json")
+    t = load_target(cfg)
+    settings, configs = target_sweep(cfg, t, [1e-3, 4e-3], [0, 1], eval_batches=2)
+    assert sorted((c["lr"], c["seed"]) for c in configs) == [(1e-3, 0), (1e-3, 1), (4e-3, 0), (4e-3, 1)]
+    target = load_config(t.path)
+    for c in configs:
+        raw, base = train_config_dict(c, settings)
+        run = config_from_dict(raw, base_dir=base)
+        assert (run.model.hidden_size, run.model.num_layers) == (
+            target.model.hidden_size,
+            target.model.num_layers,
+        )
+        assert run.training.steps == target.training.steps and run.training.lr == c["lr"]
+        assert run.training.warmup_steps == target.training.warmup_steps
