@@ -53,7 +53,9 @@ def test_dry_run_large_config(name):
     # the online measurement's extra memory per GPU, next to the training step's
     fd, exact = r.measurement_gib["fd"], r.measurement_gib["exact"]
     resident = r.memory_gib["weights"] + r.memory_gib["grads"] + r.memory_gib["optimizer"]
-    assert 0 < fd["extra"] < exact["extra"] and fd["graph"] == 0 < exact["graph"]
+    assert 0 < fd["extra"] < exact["extra"]
+    # bf16: fd evaluates at fp32 copies, so it holds one fp32 forward's activations; exact holds its graph
+    assert 0 < fd["graph"] < exact["graph"]
     assert fd["peak"] > resident + fd["extra"]  # plus the held batch's own forward/backward
     text = r.render()
     assert "online measure  hvp=fd" in text and "hvp=exact" in text and "training step" in text

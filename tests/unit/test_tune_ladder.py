@@ -37,7 +37,9 @@ def test_cpu_demo_ladder_keeps_data_tokenizer_batch_and_shrinks_the_model(tmp_pa
     for p in points:
         raw, base = train_config_dict(p, sc.settings)
         tc = config_from_dict(raw, base_dir=base)
-        assert tc.data == target.data  # same corpus, tokenizer, shift corpus
+        # same corpus, tokenizer, shift corpus; only the last-word metric is off on the proxies
+        assert tc.data.model_copy(update={"lambada_passages": None}) == target.data
+        assert tc.lambada_passages == 0 < target.lambada_passages
         assert tc.model.seq_length == target.model.seq_length
         assert tc.training.global_batch_size == target.training.global_batch_size
         assert tc.training.steps == target.training.steps  # tokens: fixed
