@@ -13,12 +13,17 @@ stage holds logits. Every data-parallel rank scores all passages (they are few),
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+import os
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
 
+from lrscale_megatron.data import lambada
 from lrscale_megatron.data.lambada import EncodedPassage, build_passages, encode_passages
 
 logger = logging.getLogger(__name__)
@@ -40,10 +45,69 @@ def held_out_texts(prepared: Any, source: str) -> tuple[list[str], str]:
     return texts, f"{request['corpus']} (held-out works)"
 
 
+def _rules_digest() -> str:
+    """A digest of the passage rules' source: a cached draw is reused only while the rules are unchanged."""
+    return hashlib.sha256(Path(lambada.__file__).read_bytes()).hexdigest()[:16]
+
+
+def _cache_path(prepared: Any, source: str, n: int, seq_length: int) -> Path | None:
+    directory = getattr(prepared, "directory", None)
+    return None if directory is None else Path(directory) / f"lambada-{source}-n{n}-s{seq_length}.json"
+
+
+def _read_cache(path: Path | None, key: dict[str, Any]) -> tuple[list[EncodedPassage], str] | None:
+    if path is None or not path.is_file():
+        return None
+    try:
+        saved = json.loads(path.read_text())
+        if saved.get("key") != key:
+            return None
+        passages = [EncodedPassage(context=tuple(c), target=tuple(t)) for c, t in saved["passages"]]
+        return passages, str(saved["name"])
+    except (OSError, ValueError, KeyError, TypeError) as err:  # a torn or foreign file: draw again
+        logger.debug("ignoring the last-word cache %s: %s", path, err)
+        return None
+
+
+def _write_cache(path: Path | None, key: dict[str, Any], passages: list[EncodedPassage], name: str) -> None:
+    if path is None:
+        return
+    body = {"key": key, "name": name, "passages": [[list(p.context), list(p.target)] for p in passages]}
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(json.dumps(body))
+        os.replace(tmp, path)  # atomic: ranks writing the same draw at once never tear it
+    except OSError as err:  # a read-only cache directory costs the next run a redraw, nothing else
+        logger.debug("could not cache the last-word passages at %s: %s", path, err)
+        tmp.unlink(missing_ok=True)
+
+
 def held_out_passages(
     prepared: Any, source: str, n: int, seq_length: int, byte_level: bool
 ) -> tuple[list[EncodedPassage], str]:
-    """``n`` encoded passages for a run of ``seq_length`` tokens, and where they come from."""
+    """``n`` encoded passages for a run of ``seq_length`` tokens, and where they come from.
+
+    The draw is cached next to the prepared corpus (``lambada-<source>-n<n>-s<seq_length>.json``),
+    keyed by the corpus request, the held-out document names, the tokenizer and a digest of the passage
+    rules, so only the first run of a sweep or comparison reads the raw corpus (about 3 s on the
+    shipped Shakespeare); a key that differs, or a torn file, is drawn again.
+    """
+    manifest = getattr(prepared, "manifest", {})
+    key = {
+        "request": manifest.get("request"),
+        "valid_documents": manifest.get("valid_documents"),
+        "source": source,
+        "n": n,
+        "seq_length": seq_length,
+        "byte_level": byte_level,
+        "tokenizer": type(prepared.tokenizer).__name__,
+        "vocab_size": getattr(prepared.tokenizer, "vocab_size", None),
+        "rules": _rules_digest(),
+    }
+    path = _cache_path(prepared, source, n, seq_length)
+    cached = _read_cache(path, key)
+    if cached is not None:
+        return cached
     texts, name = held_out_texts(prepared, source)
     # about one character per byte token, ~4 per BPE token; the encoder cuts what does not fit
     chars = max(32, seq_length - 16) if byte_level else 3 * seq_length
@@ -53,6 +117,7 @@ def held_out_passages(
             f"no LAMBADA-style passage fits seq_length={seq_length} in {name}; "
             "set data.lambada_passages to 0 or use a longer model.seq_length"
         )
+    _write_cache(path, key, passages, name)
     return passages, name
 
 
