@@ -18,9 +18,14 @@ Decisions (one per measurement and param group, each logged with its reason):
   peak becomes ``max(offline, kappa / lambda)`` (or ``kappa / lambda``; ``offline`` is the current peak if a
   warmup cut lowered it) and then goes through the cut test;
 * **cut** when ``g > cut_above``: the peak is scaled so that ``g`` becomes ``safety`` (at most ``max_cut``).
-  With ``confirm_cuts`` (default) a cut needs the previous measurement at or above the edge too (or none
-  before it): otherwise the action is **confirm** and the core re-measures at the next step, because at the
-  edge of stability the sharpness oscillates and a single sample far beyond it is not an instability;
+  With ``confirm_cuts`` (default) a cut needs the previous measurement at or above the edge too (or no
+  measurement at all before it: the run's very first one): otherwise the action is **confirm** and the core
+  re-measures at the next step, because at the edge of stability the sharpness oscillates and a single
+  sample far beyond it is not an instability. Skipped measurements do not make a later one "the first": the
+  causal Mixer's preconditioned sharpness, measured at every warmup step, jumped 240x in one step (1.3e3 at
+  step 9, 3.0e5 at step 10, 4.2e3 at step 12, float64 exact) and, after a skipped reading, that lone sample
+  cut the peak 10x (docs/benchmarks.md, "Mixer outlier reading"). A pending confirmation whose
+  re-measurements are all skipped is dropped after :data:`CONFIRM_RETRIES` of them (peak kept);
 * **during warmup** the test reads the *projected* gauge ``g_peak = lambda * peak / threshold`` (what the gauge
   will read when warmup reaches the peak, if the curvature stays) whenever ``g < project_below`` (below the
   edge the sharpness is the model's own: the classic ``lr <= 2 / lambda`` check, done before the LR gets
@@ -73,6 +78,10 @@ __all__ = [
 #: gradient and the preconditioned sharpness is not the model's (measured 9-15x its value one step later).
 FIRST_CHECK_MIN_STEP = 2
 
+#: Re-measurements a pending cut confirmation waits for a usable estimate before it is dropped (peak kept):
+#: without a bound, an estimator that keeps refusing re-measures at every step.
+CONFIRM_RETRIES = 3
+
 #: Raises only while the LR in force is at least this fraction of the peak (not late in the decay, where
 #: a small gauge says the decay lowered the LR, not that the peak is too low).
 RAISE_MIN_FRACTION = 0.5
@@ -99,7 +108,8 @@ class AdapterState:
 
     ``log_ema`` is the smoothed log-gauge (rescaled whenever the peak moves), ``last_gauge`` the previous
     measurement's gauge (crossing warning, cut confirmation), ``curvature_done`` whether the ``kappa`` peak
-    was set, ``confirm_pending`` whether a re-measurement is due at the next step.
+    was set, ``confirm_pending`` whether a re-measurement is due at the next step, ``confirm_skips`` how
+    many of those re-measurements were skipped.
     """
 
     peak: float
@@ -109,6 +119,7 @@ class AdapterState:
     n_skipped: int = 0
     curvature_done: bool = False
     confirm_pending: bool = False
+    confirm_skips: int = 0
 
 
 @dataclass(frozen=True)
@@ -179,6 +190,14 @@ def adapt(
         reason = f"no LR in force (lr={lr}): the gauge is undefined"
     if reason is not None:
         state.n_skipped += 1
+        if state.confirm_pending:
+            state.confirm_skips += 1
+            if state.confirm_skips >= CONFIRM_RETRIES:
+                state.confirm_pending, state.confirm_skips = False, 0
+                reason += (
+                    f"; cut confirmation dropped after {CONFIRM_RETRIES} unusable re-measurements "
+                    "(the lone sample beyond the edge stays unconfirmed)"
+                )
         logger.warning(
             "lrscale: step %d%s: curvature estimate skipped: %s; peak LR kept at %.6g",
             step,
@@ -203,8 +222,10 @@ def adapt(
             lr,
         )
     prev_gauge, state.last_gauge = state.last_gauge, g
-    confirmed = prev_gauge is None or prev_gauge > 1.0 or not cfg.confirm_cuts
-    state.confirm_pending = False
+    # only the run's very first measurement may cut alone: after skipped ones it is no longer the first
+    first = prev_gauge is None and state.n_skipped == 0
+    confirmed = first or (prev_gauge is not None and prev_gauge > 1.0) or not cfg.confirm_cuts
+    state.confirm_pending, state.confirm_skips = False, 0
     state.log_ema = (
         math.log(g) if state.log_ema is None else cfg.ema * state.log_ema + (1 - cfg.ema) * math.log(g)
     )
@@ -226,8 +247,13 @@ def adapt(
     if g_peak > cfg.cut_above and not confirmed and action == "hold":
         state.confirm_pending = True
         action = "confirm"
+        after = (
+            f"after g={prev_gauge:.3g} <= 1"
+            if prev_gauge is not None
+            else f"after {state.n_skipped} skipped measurement(s) and none usable"
+        )
         why = (
-            f"{what} > cut_above={cfg.cut_above:g} after g={prev_gauge:.3g} <= 1: one sample beyond the "
+            f"{what} > cut_above={cfg.cut_above:g} {after}: one sample beyond the "
             "edge (sharpness oscillates there at the edge of stability); re-measuring at the next step"
         )
     elif g_peak > cfg.cut_above:
