@@ -2,35 +2,54 @@
 
 A finite-difference product evaluates the gradient at ``theta + h v``. Keeping a copy of ``theta`` to
 restore it afterwards costs one parameter-sized vector, the one that put the online measurement over
-its memory budget (5 vectors). Instead, with ``d = fl(h * v)`` computed the same way twice:
+its memory budget (5 vectors). Instead, with ``h`` a power of two (so ``h v`` is exact and every step
+below is one correctly rounded operation, the same number on any device and kernel):
 
-* :func:`perturb_` writes ``t = fl(theta + d)`` and checks, before writing, that ``fl(t - d) == theta``
-  element by element. The few elements where subtracting ``d`` again would not give ``theta`` back
-  (``|h v_i|`` far above ``|theta_i|`` with ``theta_i`` carrying bits below the sum's last place; NaN or
-  Inf) keep their original value in a sparse record (index and value), and a tensor that is not
-  contiguous keeps a plain copy.
-  Restored means bit for bit, except that a ``-0.0`` may come back as ``+0.0`` (an equal value).
-* :func:`restore_` computes ``fl(t - d)`` (the very operation checked) and writes the recorded
-  elements back: every element is restored exactly, and the check that proves it ran before the
-  parameters were touched.
+* :func:`perturb_` first checks, for every element, that ``fl(fl(theta + h v) - h v) == theta``
+  without writing anything (3 elementwise passes into one chunk-sized temporary and a sum of absolute
+  differences; one device sync for the whole model). The few elements where subtracting ``h v`` again
+  would not give ``theta`` back (a step far above ``|theta_i|`` with ``theta_i`` carrying bits below
+  the sum's last place; a sum crossing a power of two; NaN or Inf) are kept in a sparse record (index
+  and value); a tensor that is not contiguous keeps a plain copy. Then it writes
+  ``theta <- fl(theta + h v)`` (one pass).
+* :func:`restore_` computes ``fl(theta' - h v)`` (the very operation checked, by the same call on the
+  same slices) and writes the recorded elements back: every element is restored bit for bit, except
+  that a ``-0.0`` may come back as ``+0.0`` (an equal value).
 
-Work is done in groups of tensor slices of at most :data:`PERTURB_CHUNK` elements with ``torch._foreach``
-ops, so the temporaries are chunk-sized and the Python overhead is a few calls per chunk, not per
-element or per parameter. IEEE addition and subtraction are correctly rounded, so ``fl(t - d)`` is the
-same number in the check and in the restore on any device, and two different finite numbers have a
+Cost: 4 passes to perturb and 1 to restore (the old check-while-perturbing needed 8, with an
+infinity-norm reduction that is slow on CPU and a device sync per chunk). For ``h = 2^k`` the product
+``h v_i`` is exact unless it underflows below the normal range (``|h v_i| < 2^-126`` in float32, and
+then it only matters for parameters below ~2^-102 in magnitude); there an ``a + h*b`` kernel that fuses
+the multiply (FMA) and one that rounds it first could differ, so the check, the write and the restore
+use the same ``torch._foreach_add``/``_foreach_sub`` kernels with ``alpha=h`` on the same slices (the
+restore is literally the check's second call, in place).
+IEEE addition and subtraction are correctly rounded and two different finite numbers have a
 nonzero difference (gradual underflow; with ``torch.set_flush_denormal(True)`` a difference below the
-normal range, i.e. parameters of magnitude ~1e-30 and below, could read as zero).
+normal range, i.e. parameters of magnitude ~1e-30 and below, could read as zero). The test of the check
+is a sum of ``|r - theta|``: a sum of non-negative numbers is zero only when every term is (no
+cancellation; NaN propagates), unlike a 2-norm, whose squares of tiny differences underflow.
+
+The only temporary is one scratch buffer of at most ``min(n, PERTURB_CHUNK)`` elements (``n`` the
+parameters' elements), reused by every group of slices: at most one vector, alive only while no
+gradient or activation is. A fd product's gradient is a fresh vector (plus the activations) at the same
+point of the measurement, so the scratch buffer never sets the measurement's peak.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
 
-#: elements per group of slices (two temporaries of this size are alive at once: 512 KiB in float32)
-PERTURB_CHUNK = 1 << 16
+#: largest group of slices checked at once (elements; 64 MiB of scratch in float32)
+PERTURB_CHUNK = 1 << 24
+#: the same where the vector's dtype is not the parameters' (a mixed float32/float64 model): the
+#: converted slices are a second temporary, kept small
+CONVERT_CHUNK = 1 << 16
+
+Group = tuple[list[torch.Tensor], list[torch.Tensor]]
 
 
 @dataclass
@@ -39,11 +58,15 @@ class Saved:
 
     ``sparse``: ``(slice, indices, values)``, or ``(slice, None, values)`` (a copy of the slice) where more
     than a third of a slice needs keeping (indices cost twice the values), so the record never exceeds
-    a plain copy; ``copies``: whole non-contiguous parameters.
+    a plain copy; ``copies``: whole non-contiguous parameters; ``groups``: the slices of (parameter,
+    vector) pairs the perturbation was checked and written on (views, no memory), which the restore
+    uses again.
     """
 
     sparse: list[tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]] = field(default_factory=list)
     copies: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
+    groups: list[Group] = field(default_factory=list)
+    h: float = 0.0
 
     @property
     def n_bytes(self) -> int:
@@ -54,63 +77,137 @@ class Saved:
         return out + sum(c.numel() * c.element_size() for _, c in self.copies)
 
 
-def _groups(
-    params: Sequence[torch.Tensor], v: Sequence[torch.Tensor], skip: set[int]
-) -> Iterator[tuple[list[torch.Tensor], list[torch.Tensor]]]:
-    """Flat slices of (parameter, vector) pairs, grouped to at most ``PERTURB_CHUNK`` elements."""
+def _groups(params: Sequence[torch.Tensor], v: Sequence[torch.Tensor], skip: set[int]) -> list[Group]:
+    """Flat slices of (parameter, vector) pairs of one dtype pair per group, grouped to at most
+    :data:`PERTURB_CHUNK` elements (:data:`CONVERT_CHUNK` where the vector must be converted)."""
+    out: list[Group] = []
     ps: list[torch.Tensor] = []
     vs: list[torch.Tensor] = []
     size = 0
     for i, (p, vi) in enumerate(zip(params, v)):
         if i in skip or p.numel() == 0:
             continue
-        fp, fv = p.detach().view(-1), vi.reshape(-1)
-        for s in range(0, fp.numel(), PERTURB_CHUNK):
-            a, b = fp[s : s + PERTURB_CHUNK], fv[s : s + PERTURB_CHUNK]
-            if size + a.numel() > PERTURB_CHUNK and ps:
-                yield ps, vs
+        fp, fv = p.detach().view(-1), vi.detach().reshape(-1)
+        n = fp.numel()
+        chunk = PERTURB_CHUNK if fv.dtype == fp.dtype else CONVERT_CHUNK
+        for s in range(0, n, chunk) if n > chunk else (0,):
+            a, b = (fp, fv) if n <= chunk else (fp[s : s + chunk], fv[s : s + chunk])
+            if ps and (size + a.numel() > chunk or (a.dtype, b.dtype) != (ps[0].dtype, vs[0].dtype)):
+                out.append((ps, vs))
                 ps, vs, size = [], [], 0
             ps.append(a)
-            vs.append(b if b.dtype == a.dtype else b.to(a.dtype))
+            vs.append(b)
             size += a.numel()
     if ps:
-        yield ps, vs
+        out.append((ps, vs))
+    return out
+
+
+def _same_dtype(ps: list[torch.Tensor], vs: list[torch.Tensor]) -> list[torch.Tensor]:
+    """``vs`` in the parameters' dtype (a chunk-sized copy only where they differ, e.g. a float64
+    vector for float32 parameters of a mixed-precision model)."""
+    return [b if b.dtype == a.dtype else b.to(a.dtype) for a, b in zip(ps, vs)]
+
+
+def check_step(h: float, dtype: torch.dtype) -> None:
+    """Refuse a step that is not a normal power of two in ``dtype`` (``h v`` would not be exact)."""
+    m, _ = math.frexp(abs(h))
+    if not (m == 0.5 and torch.finfo(dtype).tiny <= abs(h) <= torch.finfo(dtype).max):
+        raise ValueError(
+            f"perturb_: h={h!r} is not a normal power of two in {dtype}; the exact restore needs h*v "
+            "exact (round the step with lrscale_megatron.curvature.perturb.power_of_two)"
+        )
+
+
+def power_of_two(x: float) -> float:
+    """The power of two nearest ``x > 0`` on a log scale (within a factor sqrt(2) of ``x``)."""
+    if not (x > 0 and math.isfinite(x)):
+        raise ValueError(f"power_of_two: x={x!r} must be a positive finite number")
+    return math.ldexp(1.0, round(math.log2(x)))
+
+
+#: block of the scratch buffer whose largest misfit is looked at before its elements are (a nonzero
+#: over a whole group is ~10x the cost of an elementwise pass on CPU; misfits are ~1e-3 of elements)
+BLOCK = 256
+
+
+def _misfits(ps: list[torch.Tensor], vs: list[torch.Tensor], h: float, buf: torch.Tensor) -> torch.Tensor:
+    """Flat indices (into the group's concatenated slices) of the elements with
+    ``fl(fl(theta + h v) - h v) != theta``, computed in ``buf`` (a multiple of :data:`BLOCK` elements)
+    with the write's and the restore's own in-place calls."""
+    views, o = [], 0
+    for a in ps:
+        views.append(buf[o : o + a.numel()])
+        o += a.numel()
+    if buf.device.type == "cpu":  # CPU foreach ops are per-tensor loops over the same kernel as add(out=)
+        for x, a, b in zip(views, ps, vs):
+            torch.add(a, b, alpha=h, out=x)  # t, as perturb_ writes it (one pass fewer than copy + add_)
+    else:  # fused foreach kernels: the very call perturb_ writes with
+        torch._foreach_copy_(views, ps)
+        torch._foreach_add_(views, vs, alpha=h)
+    torch._foreach_sub_(views, vs, alpha=h)  # fl(t - h v), as restore_ computes it
+    torch._foreach_sub_(views, ps)  # 0 exactly where the restore is exact (NaN where theta is NaN)
+    nb = -(-o // BLOCK)
+    buf[o : nb * BLOCK].zero_()
+    blocks = buf[: nb * BLOCK].view(nb, BLOCK).abs_()
+    hit = torch.nonzero(blocks.amax(1)).flatten()  # NaN propagates: a NaN block is hit
+    if hit.numel() == 0:
+        return hit
+    at = torch.nonzero(blocks[hit])  # only the blocks that hold a misfit
+    return hit[at[:, 0]] * BLOCK + at[:, 1]
+
+
+def _record(saved: Saved, ps: list[torch.Tensor], idx: torch.Tensor) -> None:
+    """Keep the original values of the group's elements at flat indices ``idx`` (module docstring)."""
+    sizes = [a.numel() for a in ps]
+    ends = torch.tensor(sizes, device=idx.device).cumsum(0)
+    which = torch.searchsorted(ends, idx, right=True)
+    counts = torch.bincount(which, minlength=len(ps)).tolist()
+    for a, start, n, local in zip(ps, [0, *ends.tolist()[:-1]], counts, torch.split(idx, counts)):
+        if n == 0:
+            continue
+        local = local - start
+        if 3 * n > a.numel():
+            saved.sparse.append((a, None, a.clone()))
+        else:
+            saved.sparse.append((a, local, a[local].clone()))
 
 
 @torch.no_grad()
 def perturb_(params: Sequence[torch.Tensor], v: Sequence[torch.Tensor], h: float) -> Saved:
     """In place: ``params += h * v`` (module docstring); returns what :func:`restore_` needs."""
-    saved = Saved()
+    saved = Saved(h=h)
     skip = {i for i, p in enumerate(params) if not p.is_contiguous()}
+    groups = _groups(params, v, skip)
+    bufs: dict[torch.dtype, torch.Tensor] = {}
+    for ps, vs in groups:  # 1. check before writing, in one scratch buffer per dtype
+        buf = bufs.get(ps[0].dtype)
+        if buf is None:
+            check_step(h, ps[0].dtype)
+            n = max(sum(a.numel() for a in qs) for qs, _ in groups if qs[0].dtype == ps[0].dtype)
+            n = -(-n // BLOCK) * BLOCK
+            buf = bufs[ps[0].dtype] = torch.empty(n, dtype=ps[0].dtype, device=ps[0].device)
+        idx = _misfits(ps, _same_dtype(ps, vs), h, buf)
+        if idx.numel():  # 2. record the few elements a subtraction would not restore
+            _record(saved, ps, idx)
+    del bufs
+    for ps, vs in groups:  # 3. write the perturbation: the same call as the check's second step
+        torch._foreach_add_(ps, _same_dtype(ps, vs), alpha=h)
     for i in skip:
         saved.copies.append((params[i], params[i].detach().clone()))
         params[i].detach().add_(v[i].to(params[i].dtype), alpha=h)
-    for ps, vs in _groups(params, v, skip):
-        d = torch._foreach_mul(vs, h)
-        t = torch._foreach_add(ps, d)
-        torch._foreach_sub_(d, t)  # d - t == -fl(t - d) exactly (negation is exact): two temporaries
-        torch._foreach_add_(d, ps)  # 0 exactly where fl(t - d) == theta (NaN/Inf give NaN: kept)
-        bad = torch.stack(torch._foreach_norm(d, float("inf")))
-        if not bool((bad == 0).all()):
-            for j in torch.nonzero(bad != 0).flatten().tolist():
-                a = ps[j]
-                idx = torch.nonzero(d[j]).flatten()  # d holds theta - fl(t - d): nonzero where it differs
-                if 3 * idx.numel() > a.numel():
-                    saved.sparse.append((a, None, a.clone()))
-                else:
-                    saved.sparse.append((a, idx, a[idx].clone()))
-        del d
-        torch._foreach_copy_(ps, t)
-        del t
+    saved.groups = groups
     return saved
 
 
 @torch.no_grad()
 def restore_(params: Sequence[torch.Tensor], v: Sequence[torch.Tensor], h: float, saved: Saved) -> None:
-    """Undo :func:`perturb_` exactly (module docstring)."""
-    skip = {i for i, p in enumerate(params) if any(p is q for q, _ in saved.copies)}
-    for ps, vs in _groups(params, v, skip):
-        torch._foreach_sub_(ps, torch._foreach_mul(vs, h))
+    """Undo :func:`perturb_` exactly (module docstring). ``params``, ``v`` and ``h`` must be those the
+    perturbation was made with."""
+    if h != saved.h:
+        raise ValueError(f"restore_: h={h!r} is not the perturbation's step {saved.h!r}")
+    for ps, vs in saved.groups:
+        torch._foreach_sub_(ps, _same_dtype(ps, vs), alpha=h)
     for a, idx, vals in saved.sparse:
         if idx is None:
             a.copy_(vals)
@@ -118,3 +215,4 @@ def restore_(params: Sequence[torch.Tensor], v: Sequence[torch.Tensor], h: float
             a[idx] = vals
     for p, c in saved.copies:
         p.detach().copy_(c)
+    saved.groups = []
