@@ -78,7 +78,7 @@ class Saved:
 
 
 def _groups(params: Sequence[torch.Tensor], v: Sequence[torch.Tensor], skip: set[int]) -> list[Group]:
-    """Flat slices of (parameter, vector) pairs of one dtype pair per group, grouped to at most
+    """(Parameter, vector) pairs, whole or as flat slices, of one dtype pair per group, grouped to at most
     :data:`PERTURB_CHUNK` elements (:data:`CONVERT_CHUNK` where the vector must be converted)."""
     out: list[Group] = []
     ps: list[torch.Tensor] = []
@@ -87,11 +87,14 @@ def _groups(params: Sequence[torch.Tensor], v: Sequence[torch.Tensor], skip: set
     for i, (p, vi) in enumerate(zip(params, v)):
         if i in skip or p.numel() == 0:
             continue
-        fp, fv = p.detach().view(-1), vi.detach().reshape(-1)
-        n = fp.numel()
-        chunk = PERTURB_CHUNK if fv.dtype == fp.dtype else CONVERT_CHUNK
-        for s in range(0, n, chunk) if n > chunk else (0,):
-            a, b = (fp, fv) if n <= chunk else (fp[s : s + chunk], fv[s : s + chunk])
+        n = p.numel()
+        chunk = PERTURB_CHUNK if vi.dtype == p.dtype else CONVERT_CHUNK
+        if n <= chunk:  # whole tensors, as they are (no view to make: ~1 us a call adds up)
+            pieces = [(p.detach(), vi)]
+        else:
+            fp, fv = p.detach().view(-1), vi.reshape(-1)
+            pieces = [(fp[s : s + chunk], fv[s : s + chunk]) for s in range(0, n, chunk)]
+        for a, b in pieces:
             if ps and (size + a.numel() > chunk or (a.dtype, b.dtype) != (ps[0].dtype, vs[0].dtype)):
                 out.append((ps, vs))
                 ps, vs, size = [], [], 0
@@ -126,6 +129,11 @@ def power_of_two(x: float) -> float:
     return math.ldexp(1.0, round(math.log2(x)))
 
 
+#: devices whose ``torch._foreach_*`` ops are per-tensor loops over the ordinary kernels (CPU): there the
+#: check writes ``t`` with ``torch.add(out=)``, one pass fewer than copy + ``_foreach_add_``; elsewhere
+#: (fused foreach kernels) the check makes the write's own ``_foreach_add_`` call
+OUT_VARIANT_DEVICES = ("cpu",)
+
 #: block of the scratch buffer whose largest misfit is looked at before its elements are (a nonzero
 #: over a whole group is ~10x the cost of an elementwise pass on CPU; misfits are ~1e-3 of elements)
 BLOCK = 256
@@ -137,9 +145,9 @@ def _misfits(ps: list[torch.Tensor], vs: list[torch.Tensor], h: float, buf: torc
     with the write's and the restore's own in-place calls."""
     views, o = [], 0
     for a in ps:
-        views.append(buf[o : o + a.numel()])
+        views.append(buf[o : o + a.numel()].view(a.shape))
         o += a.numel()
-    if buf.device.type == "cpu":  # CPU foreach ops are per-tensor loops over the same kernel as add(out=)
+    if buf.device.type in OUT_VARIANT_DEVICES:  # per-tensor loops over the same kernel as add(out=)
         for x, a, b in zip(views, ps, vs):
             torch.add(a, b, alpha=h, out=x)  # t, as perturb_ writes it (one pass fewer than copy + add_)
     else:  # fused foreach kernels: the very call perturb_ writes with
@@ -166,10 +174,11 @@ def _record(saved: Saved, ps: list[torch.Tensor], idx: torch.Tensor) -> None:
     for a, start, n, local in zip(ps, [0, *ends.tolist()[:-1]], counts, torch.split(idx, counts)):
         if n == 0:
             continue
-        local = local - start
+        a = a.view(-1)
         if 3 * n > a.numel():
             saved.sparse.append((a, None, a.clone()))
         else:
+            local = local - start
             saved.sparse.append((a, local, a[local].clone()))
 
 

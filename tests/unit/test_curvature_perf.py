@@ -32,9 +32,12 @@ def _same(after, before_bits):
     return True
 
 
+@pytest.mark.parametrize("fused", [False, True])
 @pytest.mark.parametrize("h", [2.0**-20, 2.0**-7, 8.0])
-def test_perturb_restores_every_bit_without_a_copy(h, monkeypatch):
+def test_perturb_restores_every_bit_without_a_copy(h, fused, monkeypatch):
     monkeypatch.setattr(pt, "PERTURB_CHUNK", 256)  # several groups, slices of one tensor in two groups
+    if fused:  # the accelerators' path (copy + the write's own foreach call), run here on CPU
+        monkeypatch.setattr(pt, "OUT_VARIANT_DEVICES", ())
     g = torch.Generator().manual_seed(0)
     params = [torch.randn(1000, generator=g) * 0.02, torch.zeros(300), torch.randn(40, 7, generator=g)]
     # hard cases: tiny values under a large step, subnormals, NaN, Inf, -0, huge values
@@ -80,8 +83,11 @@ def _tiny_gpt():
     return model, {"tokens": tok[:, :-1], "labels": tok[:, 1:]}
 
 
-def test_fd_measurement_adds_at_most_four_vectors_over_a_training_step(monkeypatch):
-    monkeypatch.setattr(pt, "PERTURB_CHUNK", 2048)  # chunk temporaries small next to this tiny model
+@pytest.mark.parametrize("chunk", [2048, None])
+def test_fd_measurement_adds_at_most_four_vectors_over_a_training_step(chunk, monkeypatch):
+    # None: the default, one scratch buffer as large as the whole model (it must not set the peak)
+    if chunk is not None:
+        monkeypatch.setattr(pt, "PERTURB_CHUNK", chunk)
     model, batch = _tiny_gpt()
     params = list(model.parameters())
     pbytes = sum(p.numel() * p.element_size() for p in params)
