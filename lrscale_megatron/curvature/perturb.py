@@ -2,37 +2,37 @@
 
 A finite-difference product evaluates the gradient at ``theta + h v``. Keeping a copy of ``theta`` to
 restore it afterwards costs one parameter-sized vector, the one that put the online measurement over
-its memory budget (5 vectors). Instead, with ``h`` a power of two (so ``h v`` is exact and every step
-below is one correctly rounded operation, the same number on any device and kernel):
+its memory budget (5 vectors). Instead, with ``h`` a power of two (so ``h v`` is exact and each step
+below is one correctly rounded operation):
 
 * :func:`perturb_` first checks, for every element, that ``fl(fl(theta + h v) - h v) == theta``
-  without writing anything (3 elementwise passes into one chunk-sized temporary and a sum of absolute
-  differences; one device sync for the whole model). The few elements where subtracting ``h v`` again
-  would not give ``theta`` back (a step far above ``|theta_i|`` with ``theta_i`` carrying bits below
-  the sum's last place; a sum crossing a power of two; NaN or Inf) are kept in a sparse record (index
-  and value); a tensor that is not contiguous keeps a plain copy. Then it writes
-  ``theta <- fl(theta + h v)`` (one pass).
-* :func:`restore_` computes ``fl(theta' - h v)`` (the very operation checked, by the same call on the
-  same slices) and writes the recorded elements back: every element is restored bit for bit, except
-  that a ``-0.0`` may come back as ``+0.0`` (an equal value).
+  without writing anything: ``|fl(fl(theta + h v) - h v) - theta|`` goes into one scratch buffer, the
+  largest value of each block of :data:`BLOCK` elements is taken, and a ``nonzero`` runs over the hit
+  blocks only (one device sync per group). The few elements where subtracting ``h v`` again would not
+  give ``theta`` back (ties and sums crossing a power of two, ~1e-3 of the elements of a weight matrix
+  at a finite-difference step; a step far above ``|theta_i|``; NaN or Inf, which propagate through the
+  block maximum) are kept in a sparse record (index and value); a tensor that is not contiguous keeps a
+  plain copy. Then it writes ``theta <- fl(theta + h v)`` (one pass).
+* :func:`restore_` computes ``fl(theta' - h v)`` (the operation checked, by the same call on the same
+  tensors) and writes the recorded elements back: every element is restored bit for bit, except that a
+  ``-0.0`` may come back as ``+0.0`` (an equal value).
 
-Cost: 4 passes to perturb and 1 to restore (the old check-while-perturbing needed 8, with an
-infinity-norm reduction that is slow on CPU and a device sync per chunk). For ``h = 2^k`` the product
-``h v_i`` is exact unless it underflows below the normal range (``|h v_i| < 2^-126`` in float32, and
-then it only matters for parameters below ~2^-102 in magnitude); there an ``a + h*b`` kernel that fuses
-the multiply (FMA) and one that rounds it first could differ, so the check, the write and the restore
-use the same ``torch._foreach_add``/``_foreach_sub`` kernels with ``alpha=h`` on the same slices (the
-restore is literally the check's second call, in place).
-IEEE addition and subtraction are correctly rounded and two different finite numbers have a
-nonzero difference (gradual underflow; with ``torch.set_flush_denormal(True)`` a difference below the
-normal range, i.e. parameters of magnitude ~1e-30 and below, could read as zero). The test of the check
-is a sum of ``|r - theta|``: a sum of non-negative numbers is zero only when every term is (no
-cancellation; NaN propagates), unlike a 2-norm, whose squares of tiny differences underflow.
+Passes: the check 4 over the scratch buffer (CPU: ``add(out=)``, ``sub_`` twice, ``abs_``; elsewhere a
+copy and the fused ``_foreach`` calls) and a block maximum, the write 1, the restore 1. For ``h = 2^k``
+the product ``h v_i`` is exact unless it underflows below the normal range (``|h v_i| < 2^-126`` in
+float32; it then matters only for parameters below ~2^-102 in magnitude); there an ``a + h*b`` kernel
+that fuses the multiply (FMA) and one that rounds it first could differ, so the check, the write and
+the restore use the same kernels with ``alpha=h`` on the same tensors. IEEE addition and subtraction are
+correctly rounded and two different finite numbers have a nonzero difference (gradual underflow; with
+``torch.set_flush_denormal(True)`` a difference below the normal range, i.e. parameters of magnitude
+~1e-30 and below, could read as zero).
 
-The only temporary is one scratch buffer of at most ``min(n, PERTURB_CHUNK)`` elements (``n`` the
-parameters' elements), reused by every group of slices: at most one vector, alive only while no
-gradient or activation is. A fd product's gradient is a fresh vector (plus the activations) at the same
-point of the measurement, so the scratch buffer never sets the measurement's peak.
+Temporaries: one scratch buffer of at most ``min(n/2, PERTURB_CHUNK)`` elements (``n`` the parameters'
+elements), reused by every group; the hit blocks gathered (at most a quarter of it) and index tensors
+(at most 1/16 of it) where misfits are few, else the misfits are located :data:`SMALL_CHUNK` elements
+at a time: well under one vector in all, alive only while no gradient or activation is. A fd
+product's gradient is a fresh vector (plus the activations) at the same point of the measurement, so
+the check never sets the measurement's peak.
 """
 
 from __future__ import annotations
@@ -45,9 +45,9 @@ import torch
 
 #: largest group of slices checked at once (elements; 64 MiB of scratch in float32)
 PERTURB_CHUNK = 1 << 24
-#: the same where the vector's dtype is not the parameters' (a mixed float32/float64 model): the
-#: converted slices are a second temporary, kept small
-CONVERT_CHUNK = 1 << 16
+#: small pieces: groups where the vector's dtype is not the parameters' (a mixed float32/float64 model:
+#: the converted slices are a second temporary) and the misfits of a group that has many
+SMALL_CHUNK = 1 << 16
 
 Group = tuple[list[torch.Tensor], list[torch.Tensor]]
 
@@ -79,16 +79,19 @@ class Saved:
 
 def _groups(params: Sequence[torch.Tensor], v: Sequence[torch.Tensor], skip: set[int]) -> list[Group]:
     """(Parameter, vector) pairs, whole or as flat slices, of one dtype pair per group, grouped to at most
-    :data:`PERTURB_CHUNK` elements (:data:`CONVERT_CHUNK` where the vector must be converted)."""
+    :data:`PERTURB_CHUNK` elements (:data:`SMALL_CHUNK` where the vector must be converted)."""
     out: list[Group] = []
     ps: list[torch.Tensor] = []
     vs: list[torch.Tensor] = []
     size = 0
+    # at most half the parameters per group: the scratch buffer and the check's small temporaries stay
+    # below the fresh gradient vector a product allocates next (module docstring)
+    largest = min(PERTURB_CHUNK, max(1, -(-sum(p.numel() for p in params) // 2)))
     for i, (p, vi) in enumerate(zip(params, v)):
         if i in skip or p.numel() == 0:
             continue
         n = p.numel()
-        chunk = PERTURB_CHUNK if vi.dtype == p.dtype else CONVERT_CHUNK
+        chunk = largest if vi.dtype == p.dtype else min(largest, SMALL_CHUNK)
         if n <= chunk:  # whole tensors, as they are (no view to make: ~1 us a call adds up)
             pieces = [(p.detach(), vi)]
         else:
@@ -139,10 +142,13 @@ OUT_VARIANT_DEVICES = ("cpu",)
 BLOCK = 256
 
 
-def _misfits(ps: list[torch.Tensor], vs: list[torch.Tensor], h: float, buf: torch.Tensor) -> torch.Tensor:
-    """Flat indices (into the group's concatenated slices) of the elements with
+def _misfits(
+    ps: list[torch.Tensor], vs: list[torch.Tensor], h: float, buf: torch.Tensor
+) -> torch.Tensor | None:
+    """Flat indices (into the group's concatenated tensors) of the elements with
     ``fl(fl(theta + h v) - h v) != theta``, computed in ``buf`` (a multiple of :data:`BLOCK` elements)
-    with the write's and the restore's own in-place calls."""
+    with the write's and the restore's own calls; ``None`` where misfits are many (more than a quarter
+    of the blocks, or more than 1/64 of the elements) (``buf`` then holds ``|misfit|``: :func:`_record_pieces`, whose index tensors stay small)."""
     views, o = [], 0
     for a in ps:
         views.append(buf[o : o + a.numel()].view(a.shape))
@@ -161,7 +167,12 @@ def _misfits(ps: list[torch.Tensor], vs: list[torch.Tensor], h: float, buf: torc
     hit = torch.nonzero(blocks.amax(1)).flatten()  # NaN propagates: a NaN block is hit
     if hit.numel() == 0:
         return hit
-    at = torch.nonzero(blocks[hit])  # only the blocks that hold a misfit
+    if 4 * hit.numel() > nb:  # misfits everywhere (a step far above the parameters): piece by piece
+        return None
+    hits = blocks[hit]  # only the blocks that hold a misfit: at most a quarter of the buffer
+    if 64 * int(torch.count_nonzero(hits)) > buf.numel():  # index tensors kept under 1/16 of the buffer
+        return None
+    at = torch.nonzero(hits)
     return hit[at[:, 0]] * BLOCK + at[:, 1]
 
 
@@ -182,6 +193,26 @@ def _record(saved: Saved, ps: list[torch.Tensor], idx: torch.Tensor) -> None:
             saved.sparse.append((a, local, a[local].clone()))
 
 
+def _record_pieces(saved: Saved, ps: list[torch.Tensor], buf: torch.Tensor) -> None:
+    """:func:`_record` for a group with many misfits, :data:`SMALL_CHUNK` elements at a time, so that
+    the index tensors never exceed a small chunk (the record itself never exceeds a copy)."""
+    o = 0
+    for a in ps:
+        fa = a.view(-1)
+        n = fa.numel()
+        for s in range(0, n, SMALL_CHUNK):
+            e = min(n, s + SMALL_CHUNK)
+            idx = torch.nonzero(buf[o + s : o + e]).flatten()
+            if idx.numel() == 0:
+                continue
+            piece = fa[s:e]
+            if 3 * idx.numel() > piece.numel():
+                saved.sparse.append((piece, None, piece.clone()))
+            else:
+                saved.sparse.append((piece, idx, piece[idx].clone()))
+        o += n
+
+
 @torch.no_grad()
 def perturb_(params: Sequence[torch.Tensor], v: Sequence[torch.Tensor], h: float) -> Saved:
     """In place: ``params += h * v`` (module docstring); returns what :func:`restore_` needs."""
@@ -197,7 +228,9 @@ def perturb_(params: Sequence[torch.Tensor], v: Sequence[torch.Tensor], h: float
             n = -(-n // BLOCK) * BLOCK
             buf = bufs[ps[0].dtype] = torch.empty(n, dtype=ps[0].dtype, device=ps[0].device)
         idx = _misfits(ps, _same_dtype(ps, vs), h, buf)
-        if idx.numel():  # 2. record the few elements a subtraction would not restore
+        if idx is None:
+            _record_pieces(saved, ps, buf)
+        elif idx.numel():  # 2. record the few elements a subtraction would not restore
             _record(saved, ps, idx)
     del bufs
     for ps, vs in groups:  # 3. write the perturbation: the same call as the check's second step

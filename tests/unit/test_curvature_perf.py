@@ -85,7 +85,7 @@ def _tiny_gpt():
 
 @pytest.mark.parametrize("chunk", [2048, None])
 def test_fd_measurement_adds_at_most_four_vectors_over_a_training_step(chunk, monkeypatch):
-    # None: the default, one scratch buffer as large as the whole model (it must not set the peak)
+    # None: the default, one scratch buffer of half the model (it must not set the peak)
     if chunk is not None:
         monkeypatch.setattr(pt, "PERTURB_CHUNK", chunk)
     model, batch = _tiny_gpt()
@@ -171,7 +171,7 @@ def test_perturb_restores_tiny_parameters_under_steps_that_underflow(monkeypatch
 
 
 def test_perturb_mixed_dtypes_and_empty_tensors(monkeypatch):
-    monkeypatch.setattr(pt, "CONVERT_CHUNK", 100)  # the converted (float64 -> float32) slices come in pieces
+    monkeypatch.setattr(pt, "SMALL_CHUNK", 100)  # the converted (float64 -> float32) slices come in pieces
     g = torch.Generator().manual_seed(2)
     params = [
         torch.randn(300, generator=g),
@@ -220,3 +220,23 @@ def test_fd_product_equals_the_two_pass_difference_and_a_grad_fn():
     assert not op2.can_scale_grad and op.can_scale_grad
     hv2 = op2.matvec(v)
     assert max(float((x - y).abs().max() / y.abs().max()) for x, y in zip(hv2, ref)) < 1e-6
+
+
+@pytest.mark.parametrize("h,heavy", [(2.0**-16, False), (8.0, True)])
+def test_perturb_locates_few_misfits_by_blocks_and_many_piece_by_piece(h, heavy, monkeypatch):
+    """Few misfits: gathered hit blocks; many (a step far above the parameters): located in small
+    pieces so the index tensors stay small. Both restore every bit; the path taken is the one meant."""
+    monkeypatch.setattr(pt, "BLOCK", 16)
+    monkeypatch.setattr(pt, "SMALL_CHUNK", 100)
+    calls = []
+    orig = pt._record_pieces
+    monkeypatch.setattr(pt, "_record_pieces", lambda *a: (calls.append(1), orig(*a)))
+    g = torch.Generator().manual_seed(3)
+    params = [torch.randn(5000, generator=g) * 0.02, torch.ones(64), torch.randn(30, 40, generator=g)]
+    v = [torch.randn(p.shape, generator=g) * 1e-2 for p in params]
+    before = _bits(params)
+    saved = pt.perturb_(params, v, h)
+    assert bool(calls) == heavy and saved.sparse, (calls, len(saved.sparse))
+    assert saved.n_bytes <= sum(p.numel() * p.element_size() for p in params)
+    pt.restore_(params, v, h, saved)
+    assert _same(params, before)
