@@ -98,9 +98,13 @@ def hvp_fd(op: HessianOperator, v: Vector) -> Vector:
         return [torch.full_like(x, float("nan")) for x in v]
     if vnorm == 0.0:
         return op.backend.zeros()
+    raw = op.fd_eps * max(1.0, _param_norm(op)) / vnorm
+    fin = torch.finfo(op.backend.dtype)
+    if not (2 * fin.tiny <= raw <= fin.max / 2):  # infinite parameters, or ||v|| far out of range
+        return [torch.full_like(x, float("nan")) for x in v]  # no product: the solver says so
     # a power of two (within sqrt(2) of the chosen step): h*v and the division by h are exact, which the
     # in-place perturbation relies on (:mod:`.perturb`), and 1/h can scale the gradient in its backward
-    h = power_of_two(op.fd_eps * max(1.0, _param_norm(op)) / vnorm)
+    h = power_of_two(raw)
     if op.fd_scheme == "forward":
         if op._base is None or op._base_version != op._params_version():
             op._base = None

@@ -240,3 +240,16 @@ def test_perturb_locates_few_misfits_by_blocks_and_many_piece_by_piece(h, heavy,
     assert saved.n_bytes <= sum(p.numel() * p.element_size() for p in params)
     pt.restore_(params, v, h, saved)
     assert _same(params, before)
+
+
+def test_fd_product_with_an_infinite_parameter_is_not_finite_and_restores():
+    """An infinite parameter makes ||θ|| (and the step) infinite: the product is NaN (the solver then
+    refuses), not an exception in the middle of training, and the parameters are left as they were."""
+    model, batch = _tiny_gpt()
+    with torch.no_grad():
+        next(model.parameters())[0, 0] = float("inf")
+    before = [p.detach().clone() for p in model.parameters()]
+    op = HessianOperator(model, torch_gpt_loss, batch, mode="fd")
+    hv = op.matvec(op.backend.randn(0))
+    assert not op.backend.is_finite(hv)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
