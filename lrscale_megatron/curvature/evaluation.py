@@ -29,14 +29,17 @@ MEASUREMENT_SEED = 1234
 @contextlib.contextmanager
 def deterministic_loss(model: torch.nn.Module, eval_mode: bool = True) -> Iterator[None]:
     """Dropout off (``eval_mode``) and the random generators fixed for one evaluation (module docstring)."""
+    # the flags are set bypassing ``nn.Module.__setattr__`` (~10 us a call, ~1 ms an evaluation on a
+    # small GPT); ``Module.train`` sets the same plain attribute
     flags = [(m, m.training) for m in model.modules()]
     devices = []
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         devices = [torch.cuda.current_device()]
     try:
         if eval_mode:
-            for m, _ in flags:
-                m.training = False
+            for m, f in flags:
+                if f:
+                    object.__setattr__(m, "training", False)
         with torch.random.fork_rng(devices=devices):
             # the generators fork_rng saved and restores (torch.manual_seed would also queue lazy seeds
             # for every uninitialised backend, ~1.6 ms per evaluation)
@@ -46,7 +49,8 @@ def deterministic_loss(model: torch.nn.Module, eval_mode: bool = True) -> Iterat
             yield
     finally:
         for m, f in flags:
-            m.training = f
+            if m.training != f:
+                object.__setattr__(m, "training", f)
 
 
 @contextlib.contextmanager

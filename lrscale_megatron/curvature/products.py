@@ -15,7 +15,7 @@ import torch
 from lrscale_megatron.curvature.autodiff import refuse_untracked_backward, second_backward
 from lrscale_megatron.curvature.backend import Vector
 from lrscale_megatron.curvature.evaluation import substituted, upcast_rest
-from lrscale_megatron.curvature.perturb import perturb_, restore_
+from lrscale_megatron.curvature.perturb import perturb_, power_of_two, restore_
 
 if TYPE_CHECKING:
     from lrscale_megatron.curvature.operators import HessianOperator
@@ -98,21 +98,33 @@ def hvp_fd(op: HessianOperator, v: Vector) -> Vector:
         return [torch.full_like(x, float("nan")) for x in v]
     if vnorm == 0.0:
         return op.backend.zeros()
-    h = op.fd_eps * max(1.0, _param_norm(op)) / vnorm
+    raw = op.fd_eps * max(1.0, _param_norm(op)) / vnorm
+    fin = torch.finfo(op.backend.dtype)
+    if not (2 * fin.tiny <= raw <= fin.max / 2):  # infinite parameters, or ||v|| far out of range
+        return [torch.full_like(x, float("nan")) for x in v]  # no product: the solver says so
+    # a power of two (within sqrt(2) of the chosen step): h*v and the division by h are exact, which the
+    # in-place perturbation relies on (:mod:`.perturb`), and 1/h can scale the gradient in its backward
+    h = power_of_two(raw)
     if op.fd_scheme == "forward":
         if op._base is None or op._base_version != op._params_version():
             op._base = None
             op._base = op.loss_and_grad()
             op._base_version = op._params_version()
-        gp = _grad_at(op, v, h)
-        torch._foreach_sub_(gp, op._base[1])
-        torch._foreach_div_(gp, h)
+        # (g(θ+hv) - g(θ))/h in one pass: the backward itself returns g(θ+hv)/h (its seed is 1/h, exact),
+        # then gp -= g0/h (a power-of-two multiple of g0: exact, fused in the subtraction)
+        gp, scaled = _grad_at(op, v, h, 1.0 / h)
+        if scaled:
+            torch._foreach_sub_(gp, op._base[1], alpha=1.0 / h)
+        else:
+            torch._foreach_sub_(gp, op._base[1])
+            torch._foreach_mul_(gp, 1.0 / h)
         return gp
-    gp = _grad_at(op, v, h)
-    gm = _grad_at(op, v, -h)
+    gp, scaled = _grad_at(op, v, h, 0.5 / h)
+    gm, scaled_m = _grad_at(op, v, -h, 0.5 / h)
     torch._foreach_sub_(gp, gm)
     del gm
-    torch._foreach_div_(gp, 2 * h)
+    if not (scaled and scaled_m):
+        torch._foreach_mul_(gp, 0.5 / h)
     return gp
 
 
@@ -125,11 +137,13 @@ def _param_norm(op: HessianOperator) -> float:
     return op._theta_norm[1]
 
 
-def _grad_at(op: HessianOperator, v: Vector, h: float) -> Vector:
+def _grad_at(op: HessianOperator, v: Vector, h: float, scale: float) -> tuple[Vector, bool]:
+    """The gradient at ``θ + h v``, multiplied by ``scale`` where the backward can do it for free
+    (second value ``True``; not through a user ``grad_fn`` or a pipeline schedule)."""
     if op.upcast:  # bf16/fp16: evaluate at float32 substitutes so that h*v is not rounded away
         leaves = op._leaves(v, h)
         try:
-            return op.loss_and_grad(leaves)[1]
+            return op.loss_and_grad(leaves, grad_scale=scale)[1], op.can_scale_grad
         finally:
             del leaves
     # float32/float64 (and any user grad_fn): perturb the parameters in place and restore them bit for bit
@@ -142,7 +156,7 @@ def _grad_at(op: HessianOperator, v: Vector, h: float) -> Vector:
                 torch._foreach_add_(
                     [p.detach() for p in op.params], [vi.to(p.dtype) for vi, p in zip(v, op.params)], alpha=h
                 )
-            _, g = op.loss_and_grad()
+            _, g = op.loss_and_grad(grad_scale=scale)
         finally:
             with torch.no_grad():
                 torch._foreach_copy_([p.detach() for p in op.params], copy)
@@ -150,7 +164,7 @@ def _grad_at(op: HessianOperator, v: Vector, h: float) -> Vector:
     else:
         saved = perturb_(op.params, v, h)
         try:
-            _, g = op.loss_and_grad()
+            _, g = op.loss_and_grad(grad_scale=scale)
         finally:
             restore_(op.params, v, h, saved)
             del saved
@@ -159,7 +173,7 @@ def _grad_at(op: HessianOperator, v: Vector, h: float) -> Vector:
         op._base_version = after  # the perturbation was undone exactly
     if op._theta_norm is not None and op._theta_norm[0] == version:
         op._theta_norm = (after, op._theta_norm[1])  # likewise: ||theta|| is unchanged
-    return g
+    return g, op.can_scale_grad
 
 
 def hvp_jvp(op: HessianOperator, v: Vector) -> Vector:

@@ -32,9 +32,12 @@ def _same(after, before_bits):
     return True
 
 
-@pytest.mark.parametrize("h", [1e-6, 1e-2, 10.0])
-def test_perturb_restores_every_bit_without_a_copy(h, monkeypatch):
+@pytest.mark.parametrize("fused", [False, True])
+@pytest.mark.parametrize("h", [2.0**-20, 2.0**-7, 8.0])
+def test_perturb_restores_every_bit_without_a_copy(h, fused, monkeypatch):
     monkeypatch.setattr(pt, "PERTURB_CHUNK", 256)  # several groups, slices of one tensor in two groups
+    if fused:  # the accelerators' path (copy + the write's own foreach call), run here on CPU
+        monkeypatch.setattr(pt, "OUT_VARIANT_DEVICES", ())
     g = torch.Generator().manual_seed(0)
     params = [torch.randn(1000, generator=g) * 0.02, torch.zeros(300), torch.randn(40, 7, generator=g)]
     # hard cases: tiny values under a large step, subnormals, NaN, Inf, -0, huge values
@@ -55,7 +58,7 @@ def test_perturb_restores_every_bit_without_a_copy(h, monkeypatch):
     # finite-difference-sized step (h v far below theta) almost nothing
     copy_bytes = sum(p.numel() * p.element_size() for p in params)
     assert saved.n_bytes <= copy_bytes, saved.n_bytes
-    if h == 1e-6:
+    if h == 2.0**-20:
         assert saved.n_bytes < 0.02 * copy_bytes, saved.n_bytes
     pt.restore_(params, v, h, saved)
     assert _same(params, before)
@@ -66,9 +69,9 @@ def test_perturb_keeps_non_contiguous_tensors_by_copy():
     params = [base.t()]  # a view that is not contiguous
     v = [torch.randn(20, 30)]
     before = params[0].clone()
-    saved = pt.perturb_(params, v, 1e-3)
+    saved = pt.perturb_(params, v, 2.0**-10)
     assert len(saved.copies) == 1 and not torch.equal(params[0], before)
-    pt.restore_(params, v, 1e-3, saved)
+    pt.restore_(params, v, 2.0**-10, saved)
     assert torch.equal(params[0], before)
 
 
@@ -80,8 +83,11 @@ def _tiny_gpt():
     return model, {"tokens": tok[:, :-1], "labels": tok[:, 1:]}
 
 
-def test_fd_measurement_adds_at_most_four_vectors_over_a_training_step(monkeypatch):
-    monkeypatch.setattr(pt, "PERTURB_CHUNK", 2048)  # chunk temporaries small next to this tiny model
+@pytest.mark.parametrize("chunk", [2048, None])
+def test_fd_measurement_adds_at_most_four_vectors_over_a_training_step(chunk, monkeypatch):
+    # None: the default, one scratch buffer of half the model (it must not set the peak)
+    if chunk is not None:
+        monkeypatch.setattr(pt, "PERTURB_CHUNK", chunk)
     model, batch = _tiny_gpt()
     params = list(model.parameters())
     pbytes = sum(p.numel() * p.element_size() for p in params)
@@ -133,3 +139,117 @@ def test_mild_asymmetry_between_3_and_10_tol_is_refused():
     ok = lanczos(DenseOperator(s), k=1, max_iter=100, tol=tol, seed=0)
     assert ok.converged and ok.eigenvalues[0] == pytest.approx(10.0, rel=tol)
     assert kr.TRUE_RESIDUAL_SLACK == 3.0
+
+
+def test_perturb_refuses_a_step_that_is_not_a_power_of_two():
+    params, v = [torch.randn(10)], [torch.randn(10)]
+    before = params[0].clone()
+    with pytest.raises(ValueError, match="power of two"):
+        pt.perturb_(params, v, 1e-3)
+    with pytest.raises(ValueError, match="power of two"):
+        pt.perturb_(params, v, 2.0**-140)  # subnormal in float32
+    assert torch.equal(params[0], before)  # refused before anything was written
+    saved = pt.perturb_(params, v, 2.0**-10)
+    with pytest.raises(ValueError, match="step"):
+        pt.restore_(params, v, 2.0**-11, saved)
+
+
+def test_perturb_restores_tiny_parameters_under_steps_that_underflow(monkeypatch):
+    """h*v below float32's normal range (not exact) on parameters as tiny: restored bit for bit."""
+    monkeypatch.setattr(pt, "BLOCK", 16)
+    g = torch.Generator().manual_seed(1)
+    p = torch.randn(4096, generator=g) * 1e-36
+    p[:64] = torch.randn(64, generator=g) * 1e-40  # subnormal parameters
+    v = [torch.randn(4096, generator=g) * 1e-30]
+    params = [p]
+    before = _bits(params)
+    for h in (2.0**-10, 2.0**-20, 2.0**3):
+        saved = pt.perturb_(params, v, h)
+        assert not torch.equal(params[0].view(torch.int32), before[0])
+        pt.restore_(params, v, h, saved)
+        assert _same(params, before), h
+
+
+def test_perturb_mixed_dtypes_and_empty_tensors(monkeypatch):
+    monkeypatch.setattr(pt, "SMALL_CHUNK", 100)  # the converted (float64 -> float32) slices come in pieces
+    g = torch.Generator().manual_seed(2)
+    params = [
+        torch.randn(300, generator=g),
+        torch.randn(50, dtype=torch.float64, generator=g),
+        torch.zeros(0),
+    ]
+    v = [torch.randn(p.shape, dtype=torch.float64, generator=g) for p in params]
+    before = [p.clone() for p in params]
+    saved = pt.perturb_(params, v, 2.0**-6)
+    assert all(
+        len({a.dtype for a in ps}) == 1 and sum(a.numel() for a in ps) <= 300 for ps, _ in saved.groups
+    )
+    assert not torch.equal(params[0], before[0]) and not torch.equal(params[1], before[1])
+    pt.restore_(params, v, 2.0**-6, saved)
+    assert all(torch.equal(a, b) for a, b in zip(params, before))
+
+
+def test_fd_product_equals_the_two_pass_difference_and_a_grad_fn():
+    """The backward seeded with 1/h and the fused subtraction give (g(θ+hv) - g(θ))/h, h the power of two
+    the operator picks; a user grad_fn (unscaled gradients, two passes) gives the same product."""
+    model, batch = _tiny_gpt()
+    params = list(model.parameters())
+    op = HessianOperator(model, torch_gpt_loss, batch, mode="fd")
+    v = op.backend.randn(3)
+    hv = op.matvec(v)
+    vnorm = op.backend.norm_estimate(v)
+    theta = op.backend.norm([p.detach() for p in params])
+    h = pt.power_of_two(op.fd_eps * max(1.0, theta) / vnorm)
+    ref_model, _ = _tiny_gpt()
+    with torch.no_grad():
+        for p, vi in zip(ref_model.parameters(), v):
+            p.add_(vi, alpha=h)
+    model.eval()
+    ref_model.eval()
+    g0 = torch.autograd.grad(torch_gpt_loss(model, batch), params)
+    g1 = torch.autograd.grad(torch_gpt_loss(ref_model, batch), list(ref_model.parameters()))
+    ref = [(a - b) / h for a, b in zip(g1, g0)]
+    err = max(float((x - y).abs().max() / y.abs().max()) for x, y in zip(hv, ref))
+    assert err < 1e-6, err
+
+    def grad_fn():
+        out = torch_gpt_loss(model, batch)
+        return float(out), list(torch.autograd.grad(out, params))
+
+    op2 = HessianOperator(model, torch_gpt_loss, batch, mode="fd", grad_fn=grad_fn)
+    assert not op2.can_scale_grad and op.can_scale_grad
+    hv2 = op2.matvec(v)
+    assert max(float((x - y).abs().max() / y.abs().max()) for x, y in zip(hv2, ref)) < 1e-6
+
+
+@pytest.mark.parametrize("h,heavy", [(2.0**-16, False), (8.0, True)])
+def test_perturb_locates_few_misfits_by_blocks_and_many_piece_by_piece(h, heavy, monkeypatch):
+    """Few misfits: gathered hit blocks; many (a step far above the parameters): located in small
+    pieces so the index tensors stay small. Both restore every bit; the path taken is the one meant."""
+    monkeypatch.setattr(pt, "BLOCK", 16)
+    monkeypatch.setattr(pt, "SMALL_CHUNK", 100)
+    calls = []
+    orig = pt._record_pieces
+    monkeypatch.setattr(pt, "_record_pieces", lambda *a: (calls.append(1), orig(*a)))
+    g = torch.Generator().manual_seed(3)
+    params = [torch.randn(5000, generator=g) * 0.02, torch.ones(64), torch.randn(30, 40, generator=g)]
+    v = [torch.randn(p.shape, generator=g) * 1e-2 for p in params]
+    before = _bits(params)
+    saved = pt.perturb_(params, v, h)
+    assert bool(calls) == heavy and saved.sparse, (calls, len(saved.sparse))
+    assert saved.n_bytes <= sum(p.numel() * p.element_size() for p in params)
+    pt.restore_(params, v, h, saved)
+    assert _same(params, before)
+
+
+def test_fd_product_with_an_infinite_parameter_is_not_finite_and_restores():
+    """An infinite parameter makes ||θ|| (and the step) infinite: the product is NaN (the solver then
+    refuses), not an exception in the middle of training, and the parameters are left as they were."""
+    model, batch = _tiny_gpt()
+    with torch.no_grad():
+        next(model.parameters())[0, 0] = float("inf")
+    before = [p.detach().clone() for p in model.parameters()]
+    op = HessianOperator(model, torch_gpt_loss, batch, mode="fd")
+    hv = op.matvec(op.backend.randn(0))
+    assert not op.backend.is_finite(hv)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))

@@ -1,0 +1,192 @@
+"""Cost of one finite-difference (and one exact) Hessian-vector product relative to one forward + backward,
+at several micro-batch sizes, and where the fd product's extra time goes.
+
+One process, CPU (no GPU needed)::
+
+    python benchmarks/fd_cost.py                              # B = 4, 16, 32 (256, 1024, 2048 tokens)
+    python benchmarks/fd_cost.py --batch 4 --repeats 21       # the 256-token micro-batch only
+    python benchmarks/fd_cost.py --quick                      # tiny model, smoke run
+    python benchmarks/fd_cost.py --clock thread               # CPU time of the one torch thread
+
+Model: TorchGPT V=256, S=64, H=128, L=4 (834,304 float32 parameters; the model of
+``benchmarks/curvature_memory.py``), one micro-batch of ``B x 64`` tokens. For each batch size, fwd+bwd
+(``torch.autograd.grad`` of the loss), one fd product (forward scheme, base gradient cached) with the
+default ``fd_restore="subtract"`` and with ``"copy"``, and one exact product (first-gradient graph reused)
+on a unit vector are timed **interleaved** in this process, ``--repeats`` rounds; each operator has its
+own model copy (an fd product bumps its parameters' versions); the script asserts that no cached
+gradient or graph is re-taken. Reported: median and min of each ratio to fwd+bwd. ``--breakdown``
+also times the fd product's phases (perturb, gradient at the perturbed point, restore, the rest) by
+wrapping them, over the same rounds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import statistics
+import time
+from collections import defaultdict
+
+import torch
+
+from lrscale_megatron.curvature import HessianOperator, products
+from lrscale_megatron.curvature import perturb as pt
+from lrscale_megatron.models.torch_gpt import TorchGPT, TorchGPTConfig, torch_gpt_loss
+
+#: the clock every figure is read from: ``time.perf_counter`` (wall) or ``time.thread_time`` (this
+#: thread's CPU time: with one torch thread every kernel runs on it, and time spent descheduled by other
+#: jobs on a shared machine is not counted)
+CLOCK = [time.perf_counter]
+
+
+def loss_fn(m, b):
+    return torch_gpt_loss(m, b).float()
+
+
+def build(quick: bool, bsz: int):
+    cfg = (
+        TorchGPTConfig(vocab_size=64, seq_length=16, hidden_size=32, num_layers=2, num_heads=4)
+        if quick
+        else TorchGPTConfig(vocab_size=256, seq_length=64, hidden_size=128, num_layers=4, num_heads=4)
+    )
+    model = TorchGPT(cfg)
+    model.init_weights(0)
+    tok = torch.randint(
+        0, cfg.vocab_size, (bsz, cfg.seq_length + 1), generator=torch.Generator().manual_seed(0)
+    )
+    return model, {"tokens": tok[:, :-1], "labels": tok[:, 1:]}
+
+
+class _Phases:
+    """Wall time of the fd product's phases, by wrapping ``perturb_``, ``restore_`` and the gradient."""
+
+    def __init__(self) -> None:
+        self.t: dict[str, float] = defaultdict(float)
+        self._orig = (products.perturb_, products.restore_)
+
+    def wrap(self, name, fn):
+        def inner(*a, **k):
+            t0 = CLOCK[0]()
+            try:
+                return fn(*a, **k)
+            finally:
+                self.t[name] += CLOCK[0]() - t0
+
+        return inner
+
+    def __enter__(self):
+        products.perturb_ = self.wrap("perturb", pt.perturb_)  # type: ignore[assignment]
+        products.restore_ = self.wrap("restore", pt.restore_)  # type: ignore[assignment]
+        return self
+
+    def __exit__(self, *exc):
+        products.perturb_, products.restore_ = self._orig
+
+
+def measure(quick: bool, bsz: int, repeats: int, breakdown: bool) -> dict:
+    model, batch = build(quick, bsz)
+    params = list(model.parameters())
+    fd = HessianOperator(copy.deepcopy(model), loss_fn, batch, mode="fd")
+    fdc = HessianOperator(copy.deepcopy(model), loss_fn, batch, mode="fd", fd_restore="copy")
+    ex = HessianOperator(copy.deepcopy(model), loss_fn, batch, mode="exact")
+    v = fd.backend.randn(0)
+    nv = fd.backend.norm(v)
+    v = [x / nv for x in v]  # a unit vector, as Lanczos hands the operator
+    for op in (fd, fdc, ex):
+        op.matvec(v)  # caches the base gradient / builds the reused graph
+    phases = _Phases()
+    grad_t = [0.0]
+    fd_grad = fd.loss_and_grad
+
+    def timed_grad(*a, **k):
+        t0 = CLOCK[0]()
+        try:
+            return fd_grad(*a, **k)
+        finally:
+            grad_t[0] += CLOCK[0]() - t0
+
+    if breakdown:
+        fd.loss_and_grad = timed_grad  # type: ignore[method-assign]
+    t: dict[str, list[float]] = {"fwd+bwd": [], "fd": [], "fd copy": [], "exact": []}
+    with phases if breakdown else _Null():
+        for _ in range(repeats):
+            for name, fn in (
+                ("fwd+bwd", lambda: torch.autograd.grad(loss_fn(model, batch), params)),
+                ("fd", lambda: fd.matvec(v)),
+                ("fd copy", lambda: fdc.matvec(v)),
+                ("exact", lambda: ex.matvec(v)),
+            ):
+                t0 = CLOCK[0]()
+                fn()
+                t[name].append(CLOCK[0]() - t0)
+    assert fd.n_grad == 1 + fd.n_matvec and fdc.n_grad == 1 + fdc.n_matvec and ex.n_grad == 1, (
+        "a cached gradient was re-taken"
+    )
+    med = {k: statistics.median(x) for k, x in t.items()}
+    low = {k: min(x) for k, x in t.items()}
+    out = {
+        "batch": bsz,
+        "tokens": bsz * batch["tokens"].shape[1],
+        "params": sum(p.numel() for p in params),
+        "median_ms": {k: 1000 * x for k, x in med.items()},
+        "min_ms": {k: 1000 * x for k, x in low.items()},
+        "ratio_median": {k: med[k] / med["fwd+bwd"] for k in ("fd", "fd copy", "exact")},
+        "ratio_min": {k: low[k] / low["fwd+bwd"] for k in ("fd", "fd copy", "exact")},
+    }
+    if breakdown:
+        total = sum(t["fd"])
+        parts = {**phases.t, "gradient": grad_t[0]}
+        parts["rest"] = total - sum(parts.values())
+        out["fd_phases_ms_per_product"] = {k: 1000 * x / repeats for k, x in parts.items()}
+    return out
+
+
+class _Null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return None
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="tiny model (smoke run)")
+    ap.add_argument(
+        "--batch", type=int, nargs="+", default=[4, 16, 32], help="micro-batch sizes (x 64 tokens)"
+    )
+    ap.add_argument("--repeats", type=int, default=11)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--breakdown", action="store_true", help="also time the fd product's phases")
+    ap.add_argument(
+        "--clock",
+        choices=("wall", "thread"),
+        default="wall",
+        help="wall time, or this thread's CPU time (needs --threads 1; robust to a loaded machine)",
+    )
+    a = ap.parse_args()
+    if a.clock == "thread":
+        if a.threads != 1:
+            raise SystemExit("--clock thread needs --threads 1 (other torch threads' time is not counted)")
+        CLOCK[0] = time.thread_time
+    torch.set_num_threads(a.threads)
+    res = {"load_before": os.getloadavg(), "threads": a.threads, "repeats": a.repeats, "clock": a.clock}
+    res["sizes"] = [measure(a.quick, b, a.repeats, a.breakdown) for b in a.batch]
+    res["load_after"] = os.getloadavg()
+    print(json.dumps(res, indent=1))
+    print(
+        "\n| tokens | fwd+bwd ms (median) | fd / fwd+bwd median (min) | fd copy / fwd+bwd | exact / fwd+bwd |"
+    )
+    print("|---|---|---|---|---|")
+    for r in res["sizes"]:
+        m, n = r["ratio_median"], r["ratio_min"]
+        print(
+            f"| {r['tokens']} | {r['median_ms']['fwd+bwd']:.1f} | {m['fd']:.3f} ({n['fd']:.3f}) | "
+            f"{m['fd copy']:.3f} ({n['fd copy']:.3f}) | {m['exact']:.3f} ({n['exact']:.3f}) |"
+        )
+
+
+if __name__ == "__main__":
+    main()
