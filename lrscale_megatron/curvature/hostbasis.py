@@ -142,14 +142,25 @@ class HostBasis:
             yield i, row[off : off + n].view(spec.shape)
             off += n
 
-    def _chunks(self, j: int) -> Iterator[tuple[int, slice, torch.Tensor]]:
-        """``(parameter index, flat slice, device chunk of q_j)`` for every chunk of row ``j``."""
+    def _chunks(
+        self, j: int, likes: Sequence[Vector], only: Sequence[int] | None = None
+    ) -> Iterator[tuple[list[torch.Tensor], torch.Tensor]]:
+        """``([the part of like[i] for like in likes], the same part of q_j on the device)`` for every
+        chunk of row ``j`` (parameters ``only``, default all): flat slices of at most :data:`HOST_CHUNK`
+        elements, whole tensors where a ``like[i]`` is not contiguous."""
         dev = self.be.device
+        wanted = set(range(len(self.sizes)) if only is None else only)
         for i, h in self._views(self.rows[j]):
-            flat = h.reshape(-1)
+            if i not in wanted:
+                continue
+            ts = [like[i] for like in likes]
+            if h.numel() <= HOST_CHUNK or not all(t.is_contiguous() for t in ts):
+                yield ts, h.to(dev, non_blocking=True)
+                continue
+            flat, tfs = h.reshape(-1), [t.view(-1) for t in ts]
             for a in range(0, flat.numel(), HOST_CHUNK):
                 sl = slice(a, min(a + HOST_CHUNK, flat.numel()))
-                yield i, sl, flat[sl].to(dev, non_blocking=True)
+                yield [tf[sl] for tf in tfs], flat[sl].to(dev, non_blocking=True)
 
     def append(self, q: Vector) -> None:
         """Copy ``q`` to a new host row (asynchronous on CUDA)."""
@@ -163,16 +174,16 @@ class HostBasis:
 
     def axpy_(self, a: float, j: int, w: Vector) -> Vector:
         """In place ``w += a q_j``; returns ``w``."""
-        for i, sl, c in self._chunks(j):
-            w[i].view(-1)[sl].add_(c, alpha=a)
+        for (part,), c in self._chunks(j, [w]):
+            part.add_(c, alpha=a)
         return w
 
     def combine(self, coeffs: Sequence[float]) -> Vector:
         """``sum_j coeffs[j] q_j`` on the device."""
         out = self.be.zeros()
         for j, cj in enumerate(coeffs):
-            for i, sl, c in self._chunks(j):
-                out[i].view(-1)[sl].add_(c, alpha=float(cj))
+            for (part,), c in self._chunks(j, [out]):
+                part.add_(c, alpha=float(cj))
         return out
 
     def dots(self, xs: Sequence[Vector], rows: int | None = None) -> list[list[float]]:
@@ -181,12 +192,11 @@ class HostBasis:
 
         m = len(self.rows) if rows is None else rows
         acc = torch.zeros((m, len(xs)), dtype=torch.float64, device=self.be.device)
+        owned = [i for i, spec in enumerate(self.be.specs) if spec.owned]
         for j in range(m):
-            for i, sl, c in self._chunks(j):
-                if not self.be.specs[i].owned:
-                    continue
-                for k, x in enumerate(xs):
-                    acc[j, k] += _chunked_dot(c, x[i].reshape(-1)[sl])
+            for parts, c in self._chunks(j, xs, owned):  # each chunk of q_j crosses to the device once
+                for k, part in enumerate(parts):
+                    acc[j, k] += _chunked_dot(c, part)
         if self.be._all_reduce is not None:
             self.be._all_reduce(acc)
         return acc.tolist()

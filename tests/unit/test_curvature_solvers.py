@@ -202,3 +202,40 @@ def test_host_budget_reads_available_memory_and_divides_by_local_ranks(monkeypat
     assert budget == int(hostbasis.HOST_BUDGET_FRACTION * 16 * 2**30 / 8)
     assert "cgroup" in how and "8 local rank" in how
     assert hostbasis.row_bytes(3, 4, pinned=True) == 16 and hostbasis.row_bytes(3, 4, pinned=False) == 12
+
+
+def test_host_basis_arithmetic_in_chunks_and_on_non_contiguous_tensors(monkeypatch):
+    """HostBasis.append / axpy_ / combine / dots against the same sums done directly on the vectors:
+    chunked slices (HOST_CHUNK made small) and a non-contiguous tensor, a parameter not owned (TP copy)."""
+    from lrscale_megatron.curvature import hostbasis
+
+    monkeypatch.setattr(hostbasis, "HOST_CHUNK", 7)
+    specs = [ParamSpec("a", (5, 6)), ParamSpec("b", (6, 4)), ParamSpec("c", (3,), owned=False)]
+    be = VectorBackend(specs, dtype=torch.float64)
+    g = torch.Generator().manual_seed(0)
+
+    def vec() -> Vector:
+        return [
+            torch.randn(5, 6, generator=g, dtype=torch.float64),
+            torch.randn(4, 6, generator=g).double().t(),
+        ]
+
+    qs = [[*vec(), torch.randn(3, generator=g, dtype=torch.float64)] for _ in range(3)]
+    assert not qs[0][1].is_contiguous()
+    hb = hostbasis.HostBasis(be, 3)
+    for q in qs:
+        hb.append(q)
+    assert len(hb) == 3 and hb.nbytes == 3 * (30 + 24 + 3) * 8
+    y = hb.combine([0.5, -2.0, 3.0])
+    want = [0.5 * a - 2.0 * b + 3.0 * c for a, b, c in zip(*qs)]
+    assert all(torch.allclose(u, v, rtol=0, atol=1e-12) for u, v in zip(y, want))
+    w = [t.clone() for t in qs[0]]
+    w[1] = w[1].t().contiguous().t()  # non-contiguous in place target
+    hb.axpy_(-1.5, 2, w)
+    assert all(torch.allclose(u, a - 1.5 * c, atol=1e-12) for u, a, c in zip(w, qs[0], qs[2]))
+    d = hb.dots([y, qs[1]])
+    for j in range(3):
+        assert d[j][0] == pytest.approx(be.dot(qs[j], y), rel=1e-12)
+        assert d[j][1] == pytest.approx(be.dot(qs[j], qs[1]), rel=1e-12)
+    hb.release()
+    assert len(hb) == 0
