@@ -12,11 +12,16 @@ storage allocated inside a block and alive at once (activations, gradients, Kryl
 buffers). ``train`` is one forward + backward (``torch.autograd.grad``); a measurement is
 ``lanczos(HessianOperator(mode="fd"), k=1, max_iter=m, tol=0, return_vectors=True)`` (tol=0 runs all
 ``m`` iterations and the second pass: the worst case), with the default ``fd_restore="subtract"`` (no
-parameter copy) and, float32, ``"copy"``. Reported: peak / parameter bytes, and the excess of the
-measurement's peak over the training step's (what the measurement adds).
+parameter copy) and, float32, ``"copy"``; ``basis="recompute"`` (second pass) and ``basis="host"``
+(Lanczos vectors in host memory). Reported: the excess of the measurement's *device* peak over the
+training step's (what the measurement adds), and the host basis's bytes, apart
+(:class:`~lrscale_megatron.curvature.memtrack.HostDeviceBytes`; on this CPU both are the same RAM), in
+bytes and in units of parameter bytes.
 
-Cost: fwd+bwd, one fd product (base gradient cached; ``subtract`` and ``copy`` restore) and one exact
-product (first-gradient graph reused) on a unit vector are timed interleaved in this process,
+Cost: fwd+bwd, one fd product (base gradient cached; ``subtract`` and ``copy`` restore), one exact
+product (first-gradient graph reused) on a unit vector, and the host basis's per-step traffic (store a
+vector, read one back; on this CPU a memory copy, on a GPU a PCIe transfer each way) are timed
+interleaved in this process,
 ``--repeats`` rounds; medians and minima, and their ratios.
 """
 
@@ -32,7 +37,7 @@ import time
 import torch
 
 from lrscale_megatron.curvature import HessianOperator, lanczos
-from lrscale_megatron.curvature.memtrack import LiveTensorBytes
+from lrscale_megatron.curvature.memtrack import HostDeviceBytes, LiveTensorBytes
 from lrscale_megatron.models.torch_gpt import TorchGPT, TorchGPTConfig, torch_gpt_loss
 
 
@@ -64,15 +69,21 @@ def memory(quick: bool, dtype: torch.dtype, iters: list[int]) -> dict:
     train = mem.peak
     out = {"dtype": str(dtype).removeprefix("torch."), "params": sum(p.numel() for p in model.parameters())}
     out["param_bytes"], out["train_peak_x"] = pbytes, train / pbytes
-    for restore in ("subtract", "copy") if dtype == torch.float32 else ("subtract",):
+    runs = [("subtract", "recompute"), ("subtract", "host")]
+    if dtype == torch.float32:
+        runs.append(("copy", "recompute"))
+    for restore, basis in runs:
         for m in iters:
             op = HessianOperator(model, loss_fn, batch, mode="fd", fd_restore=restore)
-            with LiveTensorBytes() as mem:
-                r = lanczos(op, k=1, max_iter=m, tol=0.0, seed=0, return_vectors=True)
+            with HostDeviceBytes() as mem:
+                r = lanczos(op, k=1, max_iter=m, tol=0.0, seed=0, return_vectors=True, basis=basis)  # type: ignore[arg-type]
                 op.release()
                 del r
-            out[f"{restore}: measure_peak_x@{m}"] = mem.peak / pbytes
-            out[f"{restore}: extra_over_train_x@{m}"] = (mem.peak - train) / pbytes
+            key = f"{restore}, basis={basis}"
+            out[f"{key}: device extra_over_train_x@{m}"] = (mem.peak - train) / pbytes
+            out[f"{key}: device extra_over_train_bytes@{m}"] = mem.peak - train
+            out[f"{key}: host_x@{m}"] = mem.host_peak / pbytes
+            out[f"{key}: host_bytes@{m}"] = mem.host_peak
     return out
 
 
@@ -90,13 +101,25 @@ def cost(quick: bool, repeats: int) -> dict:
     v = [x / nv for x in v]  # a unit vector, as Lanczos hands the operator
     for op in (fd, fdc, ex):
         op.matvec(v)  # caches the base gradient / builds the reused graph
-    t: dict[str, list[float]] = {"fwd+bwd": [], "fd": [], "fd copy": [], "exact": []}
+    t: dict[str, list[float]] = {"fwd+bwd": [], "fd": [], "fd copy": [], "exact": [], "host step": []}
+    w = fd.backend.clone(v)
+
+    def host_step() -> None:
+        """What basis="host" adds to one Lanczos step: store q, read q_prev back (w += a q_prev)."""
+        hb = fd.backend.host_basis(2)[0]
+        assert hb is not None
+        hb.append(v)
+        hb.append(v)
+        hb.axpy_(1e-3, 0, w)
+        hb.release()
+
     for _ in range(repeats):
         for name, fn in (
             ("fwd+bwd", lambda: torch.autograd.grad(loss_fn(model, batch), params)),
             ("fd", lambda: fd.matvec(v)),
             ("fd copy", lambda: fdc.matvec(v)),
             ("exact", lambda: ex.matvec(v)),
+            ("host step", host_step),
         ):
             t0 = time.perf_counter()
             fn()
@@ -109,6 +132,8 @@ def cost(quick: bool, repeats: int) -> dict:
         "min_s": low,
         **{f"{k}/fwd+bwd (median)": med[k] / med["fwd+bwd"] for k in ("fd", "fd copy", "exact")},
         **{f"{k}/fwd+bwd (min)": low[k] / low["fwd+bwd"] for k in ("fd", "fd copy", "exact")},
+        "host step (2 stores + 1 read-back; one step stores 1 and reads 1)/fd (median)": med["host step"]
+        / med["fd"],
     }
 
 
@@ -118,13 +143,15 @@ def main() -> None:
     ap.add_argument("--max-iter", type=int, nargs="+", default=[10, 40])
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--no-cost", action="store_true", help="memory only (skip the timed product costs)")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
-    res = {
+    res: dict = {
         "load": os.getloadavg(),
         "memory": [memory(a.quick, d, a.max_iter) for d in (torch.float32, torch.bfloat16)],
-        "cost": cost(a.quick, a.repeats),
     }
+    if not a.no_cost:
+        res["cost"] = cost(a.quick, a.repeats)
     res["load_after"] = os.getloadavg()
     print(json.dumps(res, indent=1))
 

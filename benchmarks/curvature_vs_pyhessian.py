@@ -384,10 +384,11 @@ def wall(p: Problem, repeats: int, quick: bool) -> WallRow:
 
 
 # ------------------------------------------------------------------------------------------ (c) ~1M LM
-def gpt1m_problem(quick: bool) -> Problem:
+def gpt1m_problem(quick: bool, steps: int = 30) -> Problem:
     """``gpt1m``: TorchGPT V=256, S=64, H=128, L=4 (834,304 parameters; ``--quick``: the small shape),
-    30 AdamW steps in float32, float32 Hessian on one batch (B=4). Reference lambda_max: float64 exact
-    Lanczos at the same weights (tol 1e-10); refused if the largest-magnitude eigenvalue is not
+    ``steps`` AdamW steps in float32 (30; ``--gpt1m-steps 30 300`` adds a longer-trained copy, whose top
+    eigenvalues are closer together), float32 Hessian on one batch (B=4). Reference lambda_max: float64
+    exact Lanczos at the same weights (tol 1e-10); refused if the largest-magnitude eigenvalue is not
     lambda_max (PyHessian's power iteration would then target another eigenvalue)."""
     cfg = (
         TorchGPTConfig(vocab_size=256, seq_length=16, hidden_size=32, num_layers=2, num_heads=4)
@@ -398,7 +399,8 @@ def gpt1m_problem(quick: bool) -> Problem:
     m = TorchGPT(cfg)
     m.init_weights(0)
     opt = torch.optim.AdamW(m.parameters(), lr=3e-3)
-    for s in range(5 if quick else 30):
+    steps = 5 if quick else steps
+    for s in range(steps):
         b = byte_batch(8, cfg.seq_length, seed=1000 + s)
         loss = torch_gpt_loss(m, {"tokens": b["tokens"], "labels": b["labels"]})
         opt.zero_grad(set_to_none=True)
@@ -411,7 +413,7 @@ def gpt1m_problem(quick: bool) -> Problem:
     ref64 = TorchGPT(cfg).double()
     ref64.load_state_dict({k: v.double() for k, v in m.state_dict().items()})
     ref_op = HessianOperator(ref64, torch_gpt_loss, batch, mode="exact")
-    la = lanczos(ref_op, k=1, max_iter=40 if quick else 120, tol=1e-10, seed=12345, which="LA")
+    la = lanczos(ref_op, k=2, max_iter=40 if quick else 120, tol=1e-10, seed=12345, which="LA")
     lm = lanczos(ref_op, k=1, max_iter=40 if quick else 120, tol=1e-10, seed=12345, which="LM")
     if not math.isclose(la.eigenvalues[0], lm.eigenvalues[0], rel_tol=1e-6):
         raise RuntimeError(
@@ -419,7 +421,7 @@ def gpt1m_problem(quick: bool) -> Problem:
         )
     del ref64, ref_op
     return Problem(
-        "gpt1m",
+        f"gpt1m ({steps} steps, lambda_2/lambda_1 {la.eigenvalues[1] / la.eigenvalues[0]:.3f})",
         torch.float32,
         m,
         torch_gpt_loss,
@@ -435,10 +437,16 @@ def gpt1m_problem(quick: bool) -> Problem:
 def wall_1m(p: Problem, repeats: int, rel: float) -> str:
     """Wall time to lambda_max within ``rel``: each method's fewest-products accurate tol (as in (b)),
     then timed interleaved, min of ``repeats``. lrscale modes: ``exact`` and ``fd`` with the default
-    k=1 path (no stored basis: second pass + 2 check products) and ``fd keep`` (``basis="keep"``:
-    no second pass, ``max_iter`` stored vectors)."""
+    k=1 path (``basis="auto"``: the basis in host memory when it fits, as here; 1 check product),
+    ``fd recompute`` (no stored basis: second pass + 2 check products, the fallback) and ``fd keep``
+    (``basis="keep"``: full reorthogonalisation on the device, 1 check product)."""
     ref = p.ref[0]
-    modes = {"exact": ("exact", "auto"), "fd": ("fd-forward", "auto"), "fd keep": ("fd-forward", "keep")}
+    modes = {
+        "exact": ("exact", "auto"),
+        "fd": ("fd-forward", "auto"),
+        "fd recompute": ("fd-forward", "recompute"),
+        "fd keep": ("fd-forward", "keep"),
+    }
     chosen: dict[str, float] = {}
     for name, (mode, basis) in modes.items():
         best = None
@@ -592,11 +600,21 @@ def main() -> None:
         "--gpt1m", action="store_true", help="only (c): wall time to lambda_max on the ~1M-parameter LM"
     )
     ap.add_argument("--rel", type=float, default=1e-2, help="(c): relative error that counts as reached")
+    ap.add_argument(
+        "--gpt1m-steps",
+        type=int,
+        nargs="+",
+        default=[30],
+        help="(c): AdamW steps before the Hessian is taken, one problem each (e.g. 30 300: the harder one)",
+    )
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     if args.gpt1m:
         t0 = time.perf_counter()
-        print(wall_1m(gpt1m_problem(args.quick), 1 if args.quick else args.repeats, args.rel))
+        for steps in args.gpt1m_steps:
+            print(f"(start {time.strftime('%H:%M:%S', time.gmtime())} UTC, load {os.getloadavg()})")
+            print(wall_1m(gpt1m_problem(args.quick, steps), 1 if args.quick else args.repeats, args.rel))
+            print(f"(end {time.strftime('%H:%M:%S', time.gmtime())} UTC, load {os.getloadavg()})\n")
         print(
             f"\n({time.perf_counter() - t0:.0f} s, {torch.get_num_threads()} threads, load {os.getloadavg()})"
         )

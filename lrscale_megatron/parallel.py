@@ -282,13 +282,16 @@ class ParallelContext:
         dtype: torch.dtype,
         device: torch.device | str = "cpu",
     ) -> VectorBackend:
-        """A :class:`VectorBackend` whose inner products reduce over this context's model-parallel group."""
-        return VectorBackend(
+        """A :class:`VectorBackend` whose inner products reduce over this context's model-parallel group
+        (and whose ``agree`` reduces over every rank, so that all choose the same Lanczos basis mode)."""
+        be = VectorBackend(
             self.param_specs(named_params),
             dtype=dtype,
             device=device,
             all_reduce=self.all_reduce_model_parallel if self.model_parallel else None,
         )
+        be.agree = self.all_reduce_every_rank
+        return be
 
     # ------------------------------------------------------------------ autodiff
     def autodiff_patch(
@@ -317,6 +320,12 @@ class ParallelContext:
         """In-place sum over the model-parallel (TP x PP) group: the one reduction of inner products."""
         if self.mp_group is not None:
             self._on_device(t, self.mp_group)
+
+    def all_reduce_every_rank(self, t: torch.Tensor) -> None:
+        """In-place sum over every rank of the job (model-parallel group, then data-parallel group)."""
+        self.all_reduce_model_parallel(t)
+        if self.dp_group is not None:
+            self._on_device(t, self.dp_group)
 
     def average_data_parallel(self, tensors: list[torch.Tensor]) -> None:
         """In-place mean over data-parallel replicas, one coalesced all-reduce per dtype (as DDP averages

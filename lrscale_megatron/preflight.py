@@ -21,7 +21,11 @@ on the code as it runs (``tests/unit/test_preflight.py::test_fd_estimate_matches
 holds the estimate to a counted ``k=1`` fd measurement): with finite differences (the online default)
 the measurement holds, over one training forward+backward, :data:`FD_VECTORS` = 4 vectors in the vector
 dtype (fp32; fp64 for fp64 models): Lanczos' ``q``, ``q_prev`` and the Ritz vector of its second pass
-(independent of ``max_iter``) and the cached base gradient. The perturbed parameters are restored by
+(independent of ``max_iter``) and the cached base gradient. When the host can hold the Lanczos basis
+(``lanczos(basis="auto")`` decides at measurement time, ``curvature/hostbasis.py``), the device holds
+:data:`FD_HOST_VECTORS` = 2 (``q`` and the base gradient) and the host ``max_iter`` vectors
+(``measurement_memory(basis="host", max_iter=...)``); the refusal below uses the fallback's 4, since the
+host's room is only known when the measurement runs. The perturbed parameters are restored by
 subtraction, without a copy (``fd_restore="copy"``: one more vector in the parameter dtype). With the
 Adam preconditioner: :data:`PRECONDITION_VECTORS` = 2 more (the scale and the scaled input). With
 bf16/fp16 parameters the loss is evaluated at fp32 substitutes: one more fp32 vector, and the forward
@@ -45,6 +49,8 @@ logger = logging.getLogger(__name__)
 GIB = 1024**3
 #: fd, k=1: q, q_prev, the Ritz vector (second pass), the cached base gradient (module docstring)
 FD_VECTORS = 4
+#: fd, k=1 with the Lanczos basis in host memory: q and the cached base gradient on the device
+FD_HOST_VECTORS = 2
 #: the Adam preconditioner's scale P^-1/2 and the scaled input of each product
 PRECONDITION_VECTORS = 2
 #: exact products: q, q_prev, the Ritz vector and the product
@@ -70,6 +76,7 @@ class MeasurementMemory:
     vectors_bytes: int
     graph_bytes: int
     precondition: bool
+    host_bytes: int = 0  # host memory of a host Lanczos basis (basis="host"), not on the device
 
     @property
     def total_bytes(self) -> int:
@@ -83,10 +90,11 @@ class MeasurementMemory:
         unit, scale = ("GiB", GIB) if self.total_bytes >= GIB else ("MiB", 1024**2)
         what = "graph" if self.mode == "exact" else "fp32 forward"
         graph = f" + {what} {self.graph_bytes / scale:.2f}" if self.graph_bytes else ""
+        host = f"; host basis {self.host_bytes / GIB:.2f} GiB of host memory" if self.host_bytes else ""
         return (
             f"measurement extra {self.total_bytes / scale:.2f} {unit} = vectors {self.vectors_bytes / scale:.2f}"
             f"{graph} (hvp={self.mode}, k=1, any max_iter, {self.bytes_per_param:.1f} B/param, "
-            f"{self.total_bytes / max(self.n_params * self.param_bytes, 1):.1f} x parameter bytes)"
+            f"{self.total_bytes / max(self.n_params * self.param_bytes, 1):.1f} x parameter bytes{host})"
         )
 
 
@@ -98,12 +106,19 @@ def measurement_memory(
     precondition: bool = True,
     activation_bytes: int = 0,
     fd_restore: str = "subtract",
+    basis: str = "recompute",
+    max_iter: int = 20,
 ) -> MeasurementMemory:
     """Extra bytes of one ``k=1`` measurement over ``n_params`` local parameter elements (module docstring).
 
     ``activation_bytes``: one micro-batch's activations (the exact mode's graph; the fp32 forward of
-    bf16/fp16 models in fd mode).
+    bf16/fp16 models in fd mode). ``basis``: ``"recompute"`` (no stored basis: the worst case on the
+    device) or ``"host"`` (fd only: the basis in host memory, ``max_iter`` vectors in ``host_bytes``).
     """
+    if basis not in ("recompute", "host"):
+        raise ValueError(f"basis={basis!r} is not 'recompute' or 'host'")
+    if basis == "host" and mode != "fd":
+        raise ValueError("basis='host' is counted for mode='fd' only")
     if mode not in ("fd", "exact"):
         raise ValueError(f"mode={mode!r} is not 'fd' or 'exact'")
     if fd_restore not in ("subtract", "copy"):
@@ -111,8 +126,10 @@ def measurement_memory(
     low = param_bytes < 4
     vbytes = 8 if param_bytes == 8 else 4  # the vector dtype: fp32, fp64 for fp64 models
     pre = PRECONDITION_VECTORS if precondition else 0
+    host = 0
     if mode == "fd":
-        per = vbytes * (FD_VECTORS + pre)
+        per = vbytes * ((FD_HOST_VECTORS if basis == "host" else FD_VECTORS) + pre)
+        host = vbytes * int(n_params) * int(max_iter) if basis == "host" else 0
         if low:
             per += 4  # fp32 substitutes of the parameters
         elif fd_restore == "copy":
@@ -122,7 +139,7 @@ def measurement_memory(
         per = vbytes * (EXACT_FP32_VECTORS + pre) + 2 * param_bytes  # + tangent, gradient with its graph
         graph = 2 * int(activation_bytes)
     vectors = n_params * per
-    return MeasurementMemory(mode, int(n_params), int(param_bytes), int(vectors), graph, precondition)
+    return MeasurementMemory(mode, int(n_params), int(param_bytes), int(vectors), graph, precondition, host)
 
 
 # ------------------------------------------------------------------------------------------ checks

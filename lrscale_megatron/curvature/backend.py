@@ -22,10 +22,14 @@ from __future__ import annotations
 
 import math
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from lrscale_megatron.curvature.hostbasis import HostBasis
 
 Vector = list[torch.Tensor]
 
@@ -78,6 +82,11 @@ class VectorBackend:
             model-parallel group, or ``None`` for a single (unsharded) process. Supplied by
             :class:`lrscale_megatron.parallel.ParallelContext`.
     """
+
+    #: ``fn(tensor) -> None`` summing a float64 tensor in place over *every* rank that takes part in a
+    #: measurement (model- and data-parallel), so that all of them choose the same Lanczos basis mode
+    #: (:meth:`host_basis`); set by :meth:`lrscale_megatron.parallel.ParallelContext.backend`.
+    agree: Callable[[torch.Tensor], None] | None = None
 
     def __init__(
         self,
@@ -226,6 +235,36 @@ class VectorBackend:
             full = torch.randint(0, 2, s.full_shape, generator=g, dtype=torch.int8).to(torch.float64)
             out.append(s.shard(full * 2.0 - 1.0).to(dtype=self.dtype, device=self.device))
         return out
+
+    # ------------------------------------------------------------------ basis kept in host memory
+    def host_basis(self, n_vectors: int) -> tuple[HostBasis | None, str]:
+        """A :class:`~lrscale_megatron.curvature.hostbasis.HostBasis` for ``n_vectors`` vectors when
+        they fit this rank's host budget on *every* rank, else ``(None, why)``; the string says which
+        and why (logged by ``lanczos``)."""
+        from lrscale_megatron.curvature import hostbasis as hb
+
+        numel = sum(math.prod(s.shape) for s in self.specs)
+        pinned = self.device.type == "cuda"
+        need = n_vectors * hb.row_bytes(numel, torch.finfo(self.dtype).bits // 8, pinned)
+        budget, how = hb.host_budget()
+        fits = need <= budget
+        why = f"{n_vectors} vectors need {need / 2**30:.3f} GiB of host memory, budget {how}"
+        import torch.distributed as dist
+
+        if self.agree is not None:
+            bad = torch.tensor([0.0 if fits else 1.0], dtype=torch.float64, device=self.device)
+            self.agree(bad)
+            n_bad = int(bad.item())
+            if n_bad:
+                return None, f"{why}; {n_bad} rank(s) lack the room" if fits else why
+        elif dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            return None, (
+                "a multi-process job whose vector backend has no agreement reduction (`agree`, set by "
+                "ParallelContext.backend): ranks could choose different basis modes"
+            )
+        if not fits:
+            return None, why
+        return hb.HostBasis(self, n_vectors), why
 
     @property
     def dim(self) -> int:

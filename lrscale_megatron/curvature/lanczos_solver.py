@@ -1,4 +1,4 @@
-"""Lanczos eigensolver for a symmetric operator, with a stored or a recomputed Krylov basis.
+"""Lanczos eigensolver for a symmetric operator, with a stored, host-kept or recomputed Krylov basis.
 
 Numerical sources:
 
@@ -13,9 +13,19 @@ Numerical sources:
   second (plus the Ritz vector), whatever ``max_iter``: what a 1B-13B model can afford. Without
   reorthogonalisation a converged top Ritz value gets spurious copies ("ghosts"), which do not change the
   largest Ritz value; ``k=1`` only.
+- With ``basis="host"`` (``k=1``; what ``"auto"`` picks when the host has room,
+  :mod:`~lrscale_megatron.curvature.hostbasis`): the same three-term recurrence, but every Lanczos vector
+  is copied to host memory as it is made, ``q_prev`` is read back from there, and the Ritz vector is
+  combined from the host copies: no second pass, and the device holds ``q`` and the product only (two
+  vectors fewer than the second pass's peak), whatever ``max_iter``. No reorthogonalisation against the
+  host basis (it would stream ``j`` vectors back per iteration, ``O(m^2)`` transfers): for ``k=1`` the
+  ghosts of the unreorthogonalised recurrence do not move the largest Ritz value, and the true-residual
+  check below is what certifies the pair.
 - **Residual estimates** ``|beta_m s_{m,i}|`` (Paige 1976; Parlett 1998, sec. 13.2) decide when to stop;
   a result is marked converged only after the true-residual and symmetry check of
-  :func:`~lrscale_megatron.curvature.krylov.check_ritz_pairs` (``k + 1`` fresh products).
+  :func:`~lrscale_megatron.curvature.krylov.check_ritz_pairs`: ``k`` fresh products with a kept or host
+  basis (the symmetry probe runs along the stored Lanczos vectors, whose products the recurrence
+  knows), ``k + 1`` with the second pass (a random probe ``z`` and its product).
 
 NaN/Inf safety: a non-finite operator product or scalar stops the solver at once with ``converged=False``
 and a ``reason`` naming the iteration; the values reported are the last finite Ritz values (or NaN).
@@ -25,21 +35,21 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Literal
 
 import numpy as np
 
 from lrscale_megatron.curvature import krylov as kr
 from lrscale_megatron.curvature.results import EigenResult, LinearOperator
-from lrscale_megatron.curvature.vectors import Vector
+from lrscale_megatron.curvature.vectors import OffDeviceBasis, Vector
 
 logger = logging.getLogger(__name__)
 
 Which = Literal["LA", "SA", "LM"]
 _WHICH = ("LA", "SA", "LM")
 _REORTH = ("full", "none")
-_BASIS = ("auto", "keep", "recompute")
+_BASIS = ("auto", "keep", "recompute", "host")
 
 
 def _fresh(op: LinearOperator) -> bool:
@@ -47,19 +57,59 @@ def _fresh(op: LinearOperator) -> bool:
 
 
 def _resolve_basis(basis: str, reorth: str | None, k: int) -> tuple[str, str]:
+    """``(mode, reorth)``; mode ``"auto1"`` means: the host basis if it fits, else ``"recompute"``."""
     if basis not in _BASIS:
         raise ValueError(f"basis={basis!r} is not supported; use one of {_BASIS}")
     if reorth is not None and reorth not in _REORTH:
         raise ValueError(f"reorth={reorth!r} is not supported; use one of {_REORTH}")
     if basis == "auto":
-        basis = "recompute" if k == 1 and reorth != "full" else "keep"
-    if basis == "recompute":
+        basis = "auto1" if k == 1 and reorth != "full" else "keep"
+    if basis in ("recompute", "host", "auto1"):
         if k != 1:
-            raise ValueError(f"basis='recompute' supports k=1 only (got k={k}); use basis='keep' for k > 1")
+            raise ValueError(f"basis={basis!r} supports k=1 only (got k={k}); use basis='keep' for k > 1")
         if reorth == "full":
-            raise ValueError("basis='recompute' keeps no basis to reorthogonalise against; use reorth='none'")
+            raise ValueError(
+                f"basis={basis!r} does not reorthogonalise (no basis on the device); use reorth='none' "
+                "or basis='keep'"
+            )
         return basis, "none"
     return basis, reorth or "full"
+
+
+def _host_basis(be: object, basis: str, n_vectors: int) -> tuple[OffDeviceBasis | None, str]:
+    """The host basis for ``basis`` in ``("host", "auto1")``, or ``(None, why not)``."""
+    make = getattr(be, "host_basis", None)
+    if make is None:
+        hb, why = None, f"the vector backend {type(be).__name__} keeps no host basis"
+    else:
+        hb, why = make(n_vectors)
+    if hb is None and basis == "host":
+        raise ValueError(
+            f"basis='host' is not possible: {why}. Use basis='recompute' (second pass, no stored basis) "
+            "or basis='auto' (chooses)"
+        )
+    if hb is None:
+        logger.info("lanczos: basis='recompute' (second pass): no host basis: %s", why)
+    else:
+        logger.info("lanczos: basis='host' (Lanczos vectors in host memory, no second pass): %s", why)
+    return hb, why
+
+
+def _probe(
+    dots: Callable[[Sequence[Vector], int], list[list[float]]],
+    cols: list[dict[int, float]],
+    offdiag: list[float],
+    m: int,
+    what: str,
+) -> kr.SymmetryProbe:
+    """The product-free symmetry probe over the first ``m`` stored Lanczos vectors (krylov docstring)."""
+
+    def probe(y: Vector, r: Vector, theta: float) -> tuple[float, str] | None:
+        d = dots([y, r], m)
+        asym, n = kr.recurrence_asymmetry(cols[: m - 1], offdiag, [x[0] for x in d], [x[1] for x in d], theta)
+        return (asym, f"the {n} {what} Lanczos vectors") if n > 0 else None
+
+    return probe
 
 
 def _second_pass(
@@ -117,7 +167,7 @@ def lanczos(
     return_vectors: bool = False,
     v0: Vector | None = None,
     callback: Callable[[int, tuple[float, ...]], None] | None = None,
-    basis: Literal["auto", "keep", "recompute"] = "auto",
+    basis: Literal["auto", "keep", "recompute", "host"] = "auto",
 ) -> EigenResult:
     """``k`` extreme eigenvalues of a symmetric operator by the Lanczos method.
 
@@ -128,8 +178,9 @@ def lanczos(
         tol: relative residual tolerance: converged when the ``k`` wanted Ritz pairs all satisfy
             ``||A y_i - theta_i y_i|| <= tol * max(|theta_1|, 1e-30)``. The estimate ``|beta_m s_{m,i}|``
             is checked every iteration; once it holds, the *true* residual of each Ritz vector is
-            computed with a fresh product, and the operator's symmetry is probed with one more product
-            (``k + 1`` products): only if both pass is the result ``converged``. Eigenvalue errors are
+            computed with a fresh product, and the operator's symmetry is probed (along the stored
+            Lanczos vectors, no product; with the second pass, one more product on a random vector):
+            only if both pass is the result ``converged``. Eigenvalue errors are
             about ``residual**2 / gap``, typically far below ``tol``.
         seed: seed of the random start vector ``backend.randn(seed)`` (restarts use ``seed + 1``, ...).
         which: ``"LA"`` largest algebraic (descending), ``"SA"`` smallest algebraic (ascending),
@@ -142,8 +193,12 @@ def lanczos(
         callback: ``callback(iteration, ritz_values)`` after each iteration (1-based), most wanted first.
         basis: ``"keep"`` stores every Lanczos vector (memory ``max_iter`` vectors, no extra products);
             ``"recompute"`` (``k=1`` only) stores none and rebuilds the Ritz vector by a second pass
-            (memory bounded by 4 vectors for any ``max_iter``; about twice the products); ``"auto"``
-            (default) is ``"recompute"`` for ``k=1`` unless ``reorth="full"`` was asked for, else ``"keep"``.
+            (memory bounded by 4 vectors for any ``max_iter``; about twice the products); ``"host"``
+            (``k=1`` only) stores them in host memory (device: 2 vectors for any ``max_iter``; host:
+            ``max_iter``; no extra products; refused when the host budget is too small or the backend
+            has none); ``"auto"`` (default): for ``k=1`` (unless ``reorth="full"``) ``"host"`` when the
+            backend offers one within its budget on every rank, else ``"recompute"`` (logged at INFO,
+            with the reason); ``"keep"`` otherwise.
 
     Returns:
         :class:`EigenResult` with the ``k`` wanted Ritz values (most wanted first), their residuals (the
@@ -175,8 +230,16 @@ def lanczos(
         logger.warning("lanczos: %s; nothing computed", failure)
         return EigenResult(kr.pad([], k), kr.pad([], k), False, 0, reason=failure)
 
+    hb: OffDeviceBasis | None = None
+    if kept in ("host", "auto1"):
+        hb, _ = _host_basis(be, kept, max_iter)
+        kept = "host" if hb is not None else "recompute"
     keep = kept == "keep"
     stored: list[Vector] = [q] if keep else []
+    if hb is not None:
+        hb.append(q)
+    cols: list[dict[int, float]] = []  # coefficients of A q_j along q_i (kept / host basis: symmetry probe)
+    coeffs: list[float] = []
     alphas: list[float] = []
     offdiag: list[float] = []
     history: list[float] = []
@@ -192,8 +255,15 @@ def lanczos(
     best_s: np.ndarray | None = None
 
     for it in range(1, max_iter + 1):
+        j_prev = it - 2
         w, alpha, beta, fail = kr.lanczos_step(
-            op, q, q_prev, beta_prev, stored if reorth_mode == "full" else None
+            op,
+            q,
+            q_prev,
+            beta_prev,
+            stored if reorth_mode == "full" else None,
+            prev_axpy=(lambda a, v: hb.axpy_(a, j_prev, v)) if hb is not None and it > 1 else None,  # noqa: B023
+            coeffs_out=coeffs,
         )
         n_matvec += 1
         if w is None:
@@ -203,6 +273,13 @@ def lanczos(
             best_s = None
             break
         alphas.append(alpha)
+        if reorth_mode == "full":  # A q_j = beta_prev q_prev + sum_i c_i q_i + beta q_{j+1}
+            col = {i: c for i, c in enumerate(coeffs)}
+            if q_prev is not None:
+                col[it - 2] = col.get(it - 2, 0.0) + beta_prev
+        else:  # A q_j = beta_prev q_prev + alpha q_j + beta q_{j+1}
+            col = {it - 1: alpha} if it == 1 else {it - 2: beta_prev, it - 1: alpha}
+        cols.append(col)
         theta, s = kr.tridiag_eig(alphas, offdiag)
         m = len(alphas)
         res_all = np.abs(beta * s[-1, :])
@@ -248,11 +325,13 @@ def lanczos(
             q_prev, beta_prev, q = None, 0.0, be.scale_(1.0 / rn, r)
             offdiag.append(0.0)
         else:
-            q_prev, beta_prev, q = q, beta, be.scale_(1.0 / beta, w)
+            q_prev, beta_prev, q = (None if hb is not None else q), beta, be.scale_(1.0 / beta, w)
             offdiag.append(beta)
         del w
         if keep:
             stored.append(q)
+        if hb is not None:
+            hb.append(q)
 
     if not estimate_ok and reason == "max_iter":
         logger.info("lanczos: not converged after %d iterations (residual estimates %s)", n_matvec, best_res)
@@ -263,8 +342,21 @@ def lanczos(
         m = best_s.shape[0]
         scale = max(abs(best_vals[0]), kr.TINY)
         bound = max(tol * scale, kr.breakdown_threshold(be, max(anorm, scale)))
+        probe: kr.SymmetryProbe | None = None
         if keep:
             vectors = [be.combine(best_s[:, i].tolist(), stored[:m]) for i in range(best_s.shape[1])]
+            basis_now = stored[:m]
+            probe = _probe(
+                lambda xs, n: [list(t) for t in zip(*(be.dots(basis_now[:n], x) for x in xs))],
+                cols,
+                offdiag,
+                m,
+                "stored",
+            )
+        elif hb is not None:
+            del q, q_prev
+            vectors = [hb.combine(best_s[:, 0].tolist())]
+            probe = _probe(hb.dots, cols, offdiag, m, "host-stored")
         else:
             del q, q_prev
             y, used, fail2 = _second_pass(op, seed, v0, alphas[:m], offdiag[: m - 1], best_s[:, 0], bound)
@@ -274,9 +366,8 @@ def lanczos(
                 logger.warning("lanczos: %s; not converged", reason)
             else:
                 vectors = [y]
-        stored = []
         if estimate_ok and vectors is not None:
-            true_res, fail3, used = kr.check_ritz_pairs(op, best_vals, vectors, tol, anorm, seed)
+            true_res, fail3, used = kr.check_ritz_pairs(op, best_vals, vectors, tol, anorm, seed, probe)
             n_matvec += used
             best_res = tuple(true_res) + best_res[len(true_res) :]
             if fail3 is None:
@@ -284,6 +375,9 @@ def lanczos(
             else:
                 reason = fail3
                 logger.warning("lanczos: %s; not converged", reason)
+        stored = []
+    if hb is not None:
+        hb.release()
     return EigenResult(
         eigenvalues=kr.pad(best_vals, k),
         residuals=kr.pad(best_res, k),

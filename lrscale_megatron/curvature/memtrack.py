@@ -66,3 +66,38 @@ class LiveTensorBytes(TorchDispatchMode):
             self.peak = max(self.peak, self.live)
             weakref.finalize(st, self._free, key, n)
         return out
+
+
+class HostDeviceBytes(LiveTensorBytes):
+    """:class:`LiveTensorBytes` that counts a host Lanczos basis apart: ``peak``/``live`` are the
+    *device* storages (everything but the rows of :class:`~lrscale_megatron.curvature.hostbasis.HostBasis`,
+    which are allocated with ``hostbasis.HOST_ALLOCATION`` set), ``host_peak``/``host_live`` the rows. On a
+    CPU-only machine both live in the same RAM; the split is what a GPU run would put on each side."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.host_live = 0
+        self.host_peak = 0
+
+    def _free_host(self, key: int, n: int) -> None:
+        self._known.discard(key)
+        self.host_live -= n
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        from lrscale_megatron.curvature.hostbasis import HOST_ALLOCATION
+
+        if not HOST_ALLOCATION.get():
+            return super().__torch_dispatch__(func, types, args, kwargs)
+        out = func(*args, **(kwargs or {}))
+        for t in tree_leaves(out):
+            if not isinstance(t, torch.Tensor):
+                continue
+            st = t.untyped_storage()
+            key, n = st.data_ptr(), st.nbytes()
+            if n == 0 or key in self._known or key in self._preexisting:
+                continue
+            self._known.add(key)
+            self.host_live += n
+            self.host_peak = max(self.host_peak, self.host_live)
+            weakref.finalize(st, self._free_host, key, n)
+        return out

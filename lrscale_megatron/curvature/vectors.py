@@ -83,3 +83,41 @@ class VectorSpace(Protocol):
     def rademacher(self, seed: int) -> Vector:
         """``+-1`` vector (Hutchinson probes), seeded like :meth:`randn`."""
         ...
+
+
+@runtime_checkable
+class OffDeviceBasis(Protocol):
+    """Lanczos vectors kept off the accelerator (host memory), streamed back when used.
+
+    A backend may offer one through ``host_basis(n_vectors) -> (basis or None, why)``; ``lanczos``
+    (``basis="host"``, or ``"auto"`` with ``k=1``) then keeps no basis and no ``q_prev`` on the device.
+    :class:`lrscale_megatron.curvature.hostbasis.HostBasis` is the torch implementation; a backend without
+    ``host_basis`` (JAX) falls back to the two-pass Lanczos.
+    """
+
+    def __len__(self) -> int: ...
+
+    @property
+    def nbytes(self) -> int:
+        """Host bytes held."""
+        ...
+
+    def append(self, q: Vector) -> None:
+        """Store a copy of ``q`` as the next row."""
+        ...
+
+    def axpy_(self, a: float, j: int, w: Vector) -> Vector:
+        """``w += a q_j`` in place; returns ``w``."""
+        ...
+
+    def combine(self, coeffs: Sequence[float]) -> Vector:
+        """``sum_j coeffs[j] q_j`` on the device."""
+        ...
+
+    def dots(self, xs: Sequence[Vector], rows: int | None = None) -> list[list[float]]:
+        """``[[<q_j, x> for x in xs] for j < rows]``, global, one reduction."""
+        ...
+
+    def release(self) -> None:
+        """Free the stored rows."""
+        ...

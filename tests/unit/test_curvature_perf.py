@@ -12,7 +12,7 @@ import torch
 from lrscale_megatron.curvature import HessianOperator, lanczos
 from lrscale_megatron.curvature import krylov as kr
 from lrscale_megatron.curvature import perturb as pt
-from lrscale_megatron.curvature.memtrack import LiveTensorBytes
+from lrscale_megatron.curvature.memtrack import HostDeviceBytes, LiveTensorBytes
 from lrscale_megatron.models.torch_gpt import TorchGPT, TorchGPTConfig, torch_gpt_loss
 from tests.unit.test_algorithms import DenseOperator, with_spectrum
 
@@ -96,17 +96,24 @@ def test_fd_measurement_adds_at_most_four_vectors_over_a_training_step(chunk, mo
         g = torch.autograd.grad(torch_gpt_loss(model, batch), params)
         del g
     train = mem.peak
-    peaks = []
-    for m in (4, 8):
-        op = HessianOperator(model, torch_gpt_loss, batch, mode="fd")
-        with LiveTensorBytes() as mem:
-            r = lanczos(op, k=1, max_iter=m, tol=0.0, seed=0, return_vectors=True)
-            op.release()
-            del r
-        peaks.append((mem.peak - train) / pbytes)
-    # q, q_prev, the Ritz vector, the cached base gradient; no restore copy (was 5.0)
-    assert max(peaks) <= 4.0 + 0.05, peaks
-    assert peaks[1] <= peaks[0] + 0.01, peaks  # independent of max_iter
+    for basis in ("recompute", "auto"):
+        peaks, host = [], []
+        for m in (4, 8):
+            op = HessianOperator(model, torch_gpt_loss, batch, mode="fd")
+            with HostDeviceBytes() as mem:
+                r = lanczos(op, k=1, max_iter=m, tol=0.0, seed=0, return_vectors=True, basis=basis)  # type: ignore[arg-type]
+                op.release()
+                del r
+            peaks.append((mem.peak - train) / pbytes)
+            host.append(mem.host_peak / pbytes)
+        if basis == "recompute":
+            # q, q_prev, the Ritz vector, the cached base gradient; no restore copy (was 5.0)
+            assert max(peaks) <= 4.0 + 0.05 and host == [0.0, 0.0], (peaks, host)
+        else:
+            # the basis in host memory (m vectors): the device keeps q and the base gradient
+            assert max(peaks) <= 2.0 + 0.05, peaks
+            assert host == [4.0, 8.0], host
+        assert peaks[1] <= peaks[0] + 0.01, peaks  # independent of max_iter
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
 
 

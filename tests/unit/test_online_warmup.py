@@ -214,7 +214,8 @@ def test_an_unconverged_measurement_does_not_seed_the_next():
         parallel=ParallelContext.single(),
         warm=warm,
     )
-    assert not again.converged and again.n_matvec == 2 < bad.n_matvec  # no second pass this time
+    # no vector this time (no second pass; with the basis in host memory the vector costs no product)
+    assert not again.converged and again.n_matvec == 2 <= bad.n_matvec
     for _ in range(WarmStart.RECOVER):
         assert not warm.wants_vector(None)
         assert _measure(a, model, warm).converged

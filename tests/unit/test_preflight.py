@@ -137,13 +137,22 @@ def test_curvature_estimator_runs_preflight_when_attached():
 
 
 @pytest.mark.parametrize(
-    ("dtype", "precondition"), [(torch.float32, False), (torch.float32, True), (torch.bfloat16, False)]
+    ("dtype", "precondition", "basis"),
+    [
+        (torch.float32, False, "recompute"),
+        (torch.float32, True, "recompute"),
+        (torch.bfloat16, False, "recompute"),
+        (torch.float32, False, "host"),
+        (torch.float32, True, "host"),
+        (torch.bfloat16, False, "host"),
+    ],
 )
-def test_fd_estimate_matches_a_counted_measurement(dtype, precondition, monkeypatch):
-    """measurement_memory(fd) against the storages a k=1 fd Lanczos measurement (second pass, tol=0:
-    the worst case) allocates over one training forward+backward, counted on CPU."""
+def test_fd_estimate_matches_a_counted_measurement(dtype, precondition, basis, monkeypatch):
+    """measurement_memory(fd) against the storages a k=1 fd Lanczos measurement (tol=0: every iteration,
+    and the second pass with basis="recompute": the worst case) allocates over one training
+    forward+backward, counted on CPU; with basis="host", device and host storages counted apart."""
     from lrscale_megatron.curvature import HessianOperator, PreconditionedOperator, lanczos, perturb
-    from lrscale_megatron.curvature.memtrack import LiveTensorBytes
+    from lrscale_megatron.curvature.memtrack import HostDeviceBytes, LiveTensorBytes
     from lrscale_megatron.models.torch_gpt import TorchGPT, TorchGPTConfig, torch_gpt_loss
 
     monkeypatch.setattr(perturb, "PERTURB_CHUNK", 2048)  # chunk temporaries small next to this model
@@ -166,12 +175,19 @@ def test_fd_estimate_matches_a_counted_measurement(dtype, precondition, monkeypa
     a = op
     if precondition:
         a = PreconditionedOperator(op, [torch.rand(p.shape) for p in params])
-    with LiveTensorBytes() as mem:
-        r = lanczos(a, k=1, max_iter=6, tol=0.0, seed=0, return_vectors=True)
+    with HostDeviceBytes() as mem2:
+        r = lanczos(a, k=1, max_iter=6, tol=0.0, seed=0, return_vectors=True, basis=basis)
         op.release()
         del r
-    counted = mem.peak - train + (4 * n if precondition else 0)  # + the scale, made when attached
+    counted = mem2.peak - train + (4 * n if precondition else 0)  # + the scale, made when attached
     est = measurement_memory(
-        n, mode="fd", param_bytes=pbytes, precondition=precondition, activation_bytes=train - n * pbytes
+        n,
+        mode="fd",
+        param_bytes=pbytes,
+        precondition=precondition,
+        activation_bytes=train - n * pbytes,
+        basis=basis,
+        max_iter=6,
     )
     assert est.total_bytes == pytest.approx(counted, rel=0.03), (est.total_bytes / n, counted / n)
+    assert est.host_bytes == mem2.host_peak, (est.host_bytes / n, mem2.host_peak / n)
