@@ -22,6 +22,15 @@ logger = logging.getLogger(__name__)
 #: excluded from the operator (its ``P^-1/2`` entry set to 0)
 ROUNDOFF_ULPS = 8.0
 
+#: the finite-difference constant of a preconditioned fd measurement, as a fraction of the raw Hessian's:
+#: ``P^-1/2`` is very uneven (1e3x on rarely seen embedding rows), so a step sized on ``||P^-1/2 v||``
+#: concentrates in few coordinates and the forward difference's truncation error grows: on the megatron
+#: ``tiny`` GPT (1000-10000 AdamW steps) the default step was refused by the true-residual check at 2 of 5
+#: states (Ritz value +1.1 % / +0.4 % from exact, error growing with the step), a quarter of it converged at
+#: all 11 states from step 2 to 10000 within 0.25 % of the exact preconditioned product
+#: (docs/benchmarks.md, "Online adaptation overhead (issue 11, third pass)")
+FD_STEP_FACTOR = 0.25
+
 
 class PreconditionedOperator:
     """Adam-preconditioned Hessian ``P^-1/2 H P^-1/2`` with ``P = diag(sqrt(v̂) + eps)``.
