@@ -380,6 +380,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     ap.add_argument("--force", action="store_true")
     ap.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        help='compare-config override, e.g. --set "seeds=[0]" (repeatable)',
+    )
+    ap.add_argument(
         "--quick", action="store_true", help="smoke run: 1 seed, 12 iterations, grid only + noharm"
     )
     args = ap.parse_args(argv)
@@ -394,7 +400,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         ov = '["training.micro_batch_size=8","training.warmup_steps=4","training.eval_batches=1"]'
         sets = ["steps=12", "seeds=[0]", "eval_every=4", 'output_dir="out/compare/online-bench-quick"']
         sets.append(f"overrides={ov}")
-    cfg = load_compare_config(args.config, sets)
+    cfg = load_compare_config(args.config, sets + list(args.set))
     if args.quick:
         args.cases = ["grid", "noharm"]
     b = Bench(cfg, force=args.force)
