@@ -54,11 +54,12 @@ class OnlineConfig(_Model):
 
     enabled: bool = False
     """Adapt the peak from measured curvature. Off by default."""
-    adapt_every: int = 1000
-    """Measure every this many steps (a multiple crossed, in samples, under Megatron-LM). With ``hvp="fd"``
-    a measurement costs about two gradients per Lanczos iteration (the Ritz vector's second pass) plus two
-    for its checks: 9-25 products measured on CPU GPTs, 20-40 training iterations' time, so 2-4 % overhead
-    at 1000 (docs/benchmarks.md, "Online adaptation, second pass")."""
+    adapt_every: int = 2000
+    """Measure every this many steps (a multiple crossed, in samples, under Megatron-LM). A measurement at the
+    defaults (``hvp="fd"``, preconditioned, ``tol`` 3e-2) took 7-25 products, ~9-45 training iterations' time,
+    on the CPU GPTs of docs/benchmarks.md ("Online adaptation overhead (issue 11, third pass)"): ~2 % of the
+    training time at one per 1000 iterations, hence 2000 (the warmup checks come on top; a late
+    instability is seen at most this many steps after it starts)."""
     warmup_checks: int = 1
     """Measurements at ``k * warmup_steps / warmup_checks`` (k = 1..n; default: the end of warmup), besides
     the early ``warmup_first`` check. 0: none before ``adapt_every`` (and no ``warmup_first`` check either)."""
