@@ -134,7 +134,8 @@ class OnlineConfig(_Model):
     ``residual^2 / gap``), so it is ample, and it ends a measurement 1-2 Lanczos iterations (2-4 products)
     earlier than 1e-2 (docs/benchmarks.md, "Online adaptation overhead (issue 11, third pass)")."""
     warmup_tol: float = 3e-2
-    """Lanczos tolerance during warmup (cheaper first measurements)."""
+    """Lanczos tolerance during warmup (the same as ``tol`` by default; set it looser for cheaper warmup
+    checks)."""
     seed: int = 0
     """Lanczos start-vector seed (fixed: identical estimates on every rank)."""
     warm_start: bool = True
