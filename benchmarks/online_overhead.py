@@ -1,7 +1,7 @@
 """Wall-clock cost of online spectral adaptation: training with it / training without it.
 
-    python benchmarks/online_overhead.py --preset tiny --steps 3000 --json out.json   # 5 measurements
-    python benchmarks/online_overhead.py --preset small --steps 300                    # 3 (warmup checks)
+    python benchmarks/online_overhead.py --preset tiny --steps 10000 --json out.json  # 7 measurements
+    python benchmarks/online_overhead.py --preset small --steps 300                    # 2 (warmup checks)
     python benchmarks/online_overhead.py --adapt-every 100  # a non-default setting, for comparison
     python benchmarks/online_overhead.py --quick            # smoke run: tiny preset, 12 steps, 1 repeat
 
