@@ -1,7 +1,7 @@
 """Wall-clock cost of online spectral adaptation: training with it / training without it.
 
-    python benchmarks/online_overhead.py --preset tiny --steps 3000 --json out.json   # 5 measurements
-    python benchmarks/online_overhead.py --preset small --steps 300                    # 3 (warmup checks)
+    python benchmarks/online_overhead.py --preset tiny --steps 10000 --json out.json  # 7 measurements
+    python benchmarks/online_overhead.py --preset small --steps 300                    # 2 (warmup checks)
     python benchmarks/online_overhead.py --adapt-every 100  # a non-default setting, for comparison
     python benchmarks/online_overhead.py --quick            # smoke run: tiny preset, 12 steps, 1 repeat
 
@@ -106,6 +106,7 @@ def train(
         "n_matvec": sum(int(h.get("n_matvec", 0)) for h in sched.history),
         "n_matvec_each": [int(h.get("n_matvec", 0)) for h in sched.history],
         "accepted": sum(bool(h["accepted"]) for h in sched.history),
+        "accepted_each": [bool(h["accepted"]) for h in sched.history],
         "final_loss": float(loss.detach()),
         "final_peak_lr": sched.peak_lr,
         "measurement_seconds": measure_s,
@@ -211,6 +212,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "measurement_in_iterations_median": statistics.median(per_meas) if per_meas else None,
         "measurement_in_iterations": per_meas,
         "n_matvec_per_measurement": [int(h) for h in runs["online"][0].get("n_matvec_each", [])],
+        "accepted_per_measurement": runs["online"][0].get("accepted_each", []),
+        "measurement_steps": runs["online"][0].get("measurement_steps", []),
         "measurement_seconds_total": [sum(x["measurement_seconds"]) for x in runs["online"]],
         "target": TARGET,
         "measurements": n_meas,

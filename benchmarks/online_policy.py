@@ -19,8 +19,9 @@ and a rerun only trains what is missing. Cases (``--cases``), each over the conf
   (train loss > 1.2 x its running minimum after warmup);
 * ``trace``: the monitor-only gauge at every warmup iteration at ``best / 4`` to ``10 x best`` (what a warmup
   rule can read: lambda(t), the gauge and the gauge projected to the peak);
-* ``overhead``: the online arm at the scheduler's defaults over ``--overhead-steps`` iterations (seed 0): the
-  measurement iterations' excess over the run's median iteration;
+* ``overhead``: the online arm at the scheduler's defaults over ``--overhead-steps`` iterations (seed 0),
+  alternating with the offline arm (``--overhead-repeats`` pairs, always re-trained): the end-to-end wall-clock
+  ratio, and the measurement iterations' excess over the run's median iteration;
 * ``demo``: the config's own LRScale arms (its law's peak and online block), e.g. ``configs/compare/cpu-demo.json``:
   online vs offline final loss, and the online arm's wall-clock overhead;
 * ``kappa``: the curvature predictor. Proxy ladder: the train model at widths 32 and 48 (the target is
@@ -228,25 +229,36 @@ def case_trace(b: Bench, grid: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def case_overhead(b: Bench, grid: dict[str, Any], steps: int) -> dict[str, Any]:
+def case_overhead(b: Bench, grid: dict[str, Any], steps: int, repeats: int = 2) -> dict[str, Any]:
     """The online arm at the scheduler's defaults (``adapt_every`` included) at the grid's best over a run of
-    ``steps`` iterations (several measurements): the measurement iterations' excess over the run's median
-    iteration (:func:`~lrscale_megatron.compare.metrics.measurement_overhead`, the same run as its own
-    baseline), next to the products each measurement took."""
+    ``steps`` iterations (several measurements), end to end against the offline arm at the same peak: the
+    two alternate (offline, online, offline, online, ...; ``repeats`` pairs, seed 0, always re-trained: a
+    cached run's wall-clock was measured under another load). Also the measurement iterations' excess
+    over the run's median iteration (:func:`~lrscale_megatron.compare.metrics.measurement_overhead`, the
+    same run as its own baseline), next to the products each measurement took."""
     from lrscale_megatron.adapter import OnlineConfig
     from lrscale_megatron.compare.metrics import measurement_overhead
 
-    long = Bench(b.cfg.replace(steps=steps, eval_every=max(1, steps // 5)), force=b.force)
+    long = Bench(b.cfg.replace(steps=steps, eval_every=max(1, steps // 5)), force=True)
+    seed = b.cfg.seeds[0]
     rows = []
-    for seed in b.cfg.seeds[:1]:
+    for rep in range(repeats):
+        load = _uptime()
+        off = long.run("lrscale", grid["best_lr"], seed)
         r = long.run(
             "lrscale_online", grid["best_lr"], seed, online={"adapt_every": OnlineConfig().adapt_every}
         )
         rows.append(
             {
+                "repeat": rep,
                 "seed": seed,
+                "load_before": load,
+                "load_after": _uptime(),
                 "final_val": r["final_val_loss"],
+                "final_val_offline": off["final_val_loss"],
                 "wall_s": r["wall_s"],
+                "wall_s_offline": off["wall_s"],
+                "end_to_end_ratio": r["wall_s"] / off["wall_s"],
                 "overhead": measurement_overhead(r["history"]),
                 "measurements": [
                     (a["step"], a["n_matvec"], a["accepted"], a["action"]) for a in r["adaptations"]
@@ -254,7 +266,14 @@ def case_overhead(b: Bench, grid: dict[str, Any], steps: int) -> dict[str, Any]:
             }
         )
     b.trained += long.trained
-    return {"steps": steps, "runs": rows, "load": _uptime()}
+    on_w, off_w = [x["wall_s"] for x in rows], [x["wall_s_offline"] for x in rows]
+    return {
+        "steps": steps,
+        "runs": rows,
+        "end_to_end_ratio_median": statistics.median(on_w) / statistics.median(off_w),
+        "end_to_end_ratio_min": min(on_w) / min(off_w),
+        "load": _uptime(),
+    }
 
 
 def _train_value(cfg: Any, key: str) -> Any:
@@ -356,7 +375,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--law", default="steplaw-dense", help="law of eta_pred for the kappa case")
     ap.add_argument("--json", default=None)
     ap.add_argument("--overhead-steps", type=int, default=5000, help="run length of the overhead case")
+    ap.add_argument(
+        "--overhead-repeats", type=int, default=2, help="offline/online pairs of the overhead case"
+    )
     ap.add_argument("--force", action="store_true")
+    ap.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        help='compare-config override, e.g. --set "seeds=[0]" (repeatable)',
+    )
     ap.add_argument(
         "--quick", action="store_true", help="smoke run: 1 seed, 12 iterations, grid only + noharm"
     )
@@ -372,7 +400,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         ov = '["training.micro_batch_size=8","training.warmup_steps=4","training.eval_batches=1"]'
         sets = ["steps=12", "seeds=[0]", "eval_every=4", 'output_dir="out/compare/online-bench-quick"']
         sets.append(f"overrides={ov}")
-    cfg = load_compare_config(args.config, sets)
+    cfg = load_compare_config(args.config, sets + list(args.set))
     if args.quick:
         args.cases = ["grid", "noharm"]
     b = Bench(cfg, force=args.force)
@@ -398,7 +426,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             elif c == "spike":
                 out["spike"] = case_spike(b, grid)
             elif c == "overhead":
-                out["overhead"] = case_overhead(b, grid, args.overhead_steps)
+                out["overhead"] = case_overhead(b, grid, args.overhead_steps, args.overhead_repeats)
             elif c == "trace":
                 out["trace"] = case_trace(b, grid)
             elif c == "kappa":

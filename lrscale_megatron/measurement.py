@@ -148,6 +148,9 @@ def measure_lambda_max(
         **kwargs,
     )
     if optimizer is not None:
+        from lrscale_megatron.curvature.preconditioned import FD_STEP_FACTOR
+
+        op.fd_eps *= FD_STEP_FACTOR  # a smaller fd step for the uneven preconditioned geometry
         try:
             op = preconditioned_operator(op, optimizer)
         except MomentsUnavailable as e:

@@ -3,6 +3,8 @@ the edge of stability"): the operator whose top eigenvalue the ``eos`` bound is 
 
 from __future__ import annotations
 
+import logging
+import math
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
@@ -12,6 +14,22 @@ from lrscale_megatron.curvature.backend import Vector
 
 if TYPE_CHECKING:
     from lrscale_megatron.curvature.operators import HessianOperator
+
+logger = logging.getLogger(__name__)
+
+#: a coordinate whose ``sqrt(v̂)`` is below this many units of round-off (of the vector dtype) times the RMS of
+#: ``sqrt(v̂)`` over the model has a gradient that never rose above the round-off of the gradients: it is
+#: excluded from the operator (its ``P^-1/2`` entry set to 0)
+ROUNDOFF_ULPS = 8.0
+
+#: the finite-difference constant of a preconditioned fd measurement, as a fraction of the raw Hessian's:
+#: ``P^-1/2`` is very uneven (1e3x on rarely seen embedding rows), so a step sized on ``||P^-1/2 v||``
+#: concentrates in few coordinates and the forward difference's truncation error grows: on the megatron
+#: ``tiny`` GPT (1000-10000 AdamW steps) the default step was refused by the true-residual check at 2 of 5
+#: states (Ritz value +1.1 % / +0.4 % from exact, error growing with the step), a quarter of it converged at
+#: all 11 states from step 2 to 10000 within 0.25 % of the exact preconditioned product
+#: (docs/benchmarks.md, "Online adaptation overhead (issue 11, third pass)")
+FD_STEP_FACTOR = 0.25
 
 
 class PreconditionedOperator:
@@ -26,6 +44,17 @@ class PreconditionedOperator:
         second_moments: per-parameter ``v̂`` tensors (already bias-corrected), in ``op``'s order; or use
             :meth:`from_optimizer`.
         eps: Adam's epsilon.
+
+    Coordinates at the round-off floor are excluded (``P^-1/2`` set to 0 there; :attr:`n_excluded` counts
+    them over all ranks): ``sqrt(v̂_i) < ROUNDOFF_ULPS · u · rms(sqrt(v̂))`` with ``u`` the vector dtype's
+    machine epsilon. Such a coordinate's gradient was never more than round-off (an attention key bias:
+    softmax is invariant to it, so its gradient and its Hessian row are zero in exact arithmetic), so
+    ``P^-1/2 = (sqrt(v̂) + eps)^-1/2`` is ~``eps^-1/2`` = 1e4 there: a finite-difference product perturbs
+    those coordinates ~1e4x harder than the rest and multiplies the round-off of their gradient difference
+    by ~1e4 again, so the product is round-off noise (on the megatron-core ``tiny`` GPT after 1000 AdamW
+    steps Lanczos ran to ``max_iter`` at a Ritz value 1.6x the exact one). The exact operator's top
+    eigenvalue is unchanged by the exclusion wherever the excluded Hessian rows are zero
+    (``tests/unit/test_preconditioned_roundoff.py``, against a float64 reference without the exclusion).
     """
 
     def __init__(
@@ -37,9 +66,26 @@ class PreconditionedOperator:
             )
         self.op = op
         self.backend = op.backend
-        self.scale = [
-            (torch.sqrt(v.detach().to(op.backend.dtype).clamp_min(0)) + eps).rsqrt() for v in second_moments
-        ]
+        roots = [torch.sqrt(v.detach().to(op.backend.dtype).clamp_min(0)) for v in second_moments]
+        dim = self.backend.dim
+        rms = self.backend.norm(roots) / math.sqrt(dim) if dim else 0.0
+        floor = ROUNDOFF_ULPS * self.backend.eps * rms
+        self.floor = floor
+        self.scale = []
+        for r in roots:  # in place: no second parameter-sized list
+            low = r < floor
+            self.scale.append(r.add_(eps).rsqrt_().masked_fill_(low, 0.0))
+            del low
+        del roots
+        masks = [(s == 0).to(op.backend.dtype) for s in self.scale]
+        self.n_excluded = int(round(self.backend.dot(masks, masks)))
+        del masks
+        if self.n_excluded:
+            logger.debug(
+                "preconditioned operator: %d coordinates at the round-off floor (sqrt(v) < %.3g) excluded",
+                self.n_excluded,
+                floor,
+            )
         self.n_matvec = 0
 
     @classmethod

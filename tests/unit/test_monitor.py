@@ -173,7 +173,7 @@ def test_real_curvature_fills_n_matvec(tmp_path):
         for _ in range(6):
             sched.step()
     rows = _read(tmp_path / MEASUREMENTS_FILE)
-    assert len(rows) == 3  # header + the two warmup checks (steps 1 and 2; adapt_every is 1000)
+    assert len(rows) == 3  # header + the two warmup checks (steps 1 and 2; adapt_every is 2000)
     for r in rows[1:]:
         assert (
             int(r[MEASURE_COLUMNS.index("n_matvec")]) > 0

@@ -343,7 +343,8 @@ def test_eos_rule_measures_the_adam_preconditioned_hessian():
     a = _quadratic()
     model = Quadratic()
     opt = torch.optim.Adam(model.parameters(), lr=1.0, betas=(0.9, 0.999), eps=1e-8)
-    sched = LRScaleScheduler(opt, _online_cfg(rule="eos", safety=0.5, warmup_checks=1, warmup_first=None))
+    cfg = _online_cfg(rule="eos", safety=0.5, warmup_checks=1, warmup_first=None, tol=1e-2, warmup_tol=1e-2)
+    sched = LRScaleScheduler(opt, cfg)  # tol 1e-2: this checks the operator to 1e-5, not the default tol
     sched.attach_curvature(model, quad_loss, a)
     _train(sched, model, a, 5)  # one measurement at the end of warmup (step 5), after the 5th Adam step
     first = sched.history[0]
