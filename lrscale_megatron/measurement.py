@@ -22,6 +22,7 @@ from typing import Any
 
 from lrscale_megatron.adapter import Estimate, Estimator, OnlineConfig
 from lrscale_megatron.moments import MomentsUnavailable, second_moments
+from lrscale_megatron.online_config import BasisMode
 from lrscale_megatron.preflight import MeasurementMemory, MeasurementRefused, measurement_memory, preflight
 
 __all__ = [
@@ -122,6 +123,7 @@ def measure_lambda_max(
     optimizer: Any = None,
     grad_fn: Callable[[], Any] | None = None,
     warm: WarmStart | None = None,
+    basis: BasisMode = "auto",
 ) -> Estimate:
     """Top Hessian eigenvalue of ``loss_fn(model, batch)`` by Lanczos; collective over the job's ranks.
 
@@ -132,6 +134,7 @@ def measure_lambda_max(
     (``mode="fd"`` only) computes gradients through the host's own step, e.g.
     :func:`~lrscale_megatron.integrations.megatron_schedule.schedule_grad_fn`. With ``warm`` the solver
     starts from the previous converged Ritz vector of ``params`` (:class:`WarmStart`) and stores this one's.
+    ``basis``: where the Lanczos basis lives (``OnlineConfig.basis``).
     """
     from lrscale_megatron.curvature import HessianOperator, lanczos
     from lrscale_megatron.parallel import resolve_context
@@ -157,7 +160,7 @@ def measure_lambda_max(
             return Estimate(lambda_max=math.nan, converged=False, reason=f"no Adam preconditioner: {e}")
     v0 = None if warm is None else warm.start(op.backend, params, seed)
     want = warm is not None and warm.wants_vector(params)
-    res = lanczos(op, k=1, max_iter=max_iter, tol=tol, seed=seed, v0=v0, return_vectors=want)
+    res = lanczos(op, k=1, max_iter=max_iter, tol=tol, seed=seed, v0=v0, return_vectors=want, basis=basis)
     if warm is not None:
         warm.record(params, bool(res.converged), res.eigenvectors[0] if res.eigenvectors else None)
     lam = float(res.eigenvalues[0]) if len(res.eigenvalues) else math.nan
@@ -218,6 +221,7 @@ def curvature_estimator(
             optimizer=opt if online.precondition else None,
             grad_fn=grad_fn,
             warm=store,
+            basis=online.basis,
         )
 
     return _broadcast_from_rank0(estimator) if sync else estimator

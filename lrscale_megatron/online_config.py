@@ -15,6 +15,7 @@ from lrscale_megatron.configs.base import ConfigError, ConfigModel
 Rule = Literal["eos", "inverse"]
 Combine = Literal["min", "max", "geomean", "online"]
 HvpMode = Literal["exact", "fd"]
+BasisMode = Literal["auto", "host", "recompute"]
 CurvaturePeakMode = Literal["max", "curv"]
 
 
@@ -126,6 +127,13 @@ class OnlineConfig(_Model):
     stated for; ``False``: the raw Hessian (pair it with ``rule="inverse"``)."""
     max_iter: int = 20
     """Lanczos iterations per measurement."""
+    basis: BasisMode = "auto"
+    """Where the k=1 Lanczos basis lives (:func:`~lrscale_megatron.curvature.lanczos`): ``"host"`` in host
+    memory (2 device vectors, no extra products; each iteration copies one vector to the host and reads
+    one back), ``"recompute"`` nowhere (4 device vectors, a second pass of ``m - 1`` products rebuilds the
+    Ritz vector), ``"auto"`` the host when every rank's host budget has room, else the second pass. Pick
+    ``"recompute"`` where host-device copies are slow next to a product (measure with
+    ``benchmarks/gpu_check.sh``)."""
     tol: float = 3e-2
     """Lanczos relative residual tolerance after warmup. The decisions compare the gauge with thresholds a
     factor 2 apart (``cut_above`` 2, ``raise_below`` 0.25) or with a ±20-25 % band (``project_below``,

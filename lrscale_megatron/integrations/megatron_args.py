@@ -75,6 +75,9 @@ def add_lrscale_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
     g.add_argument("--lrscale-per-group", action="store_true")
     g.add_argument("--lrscale-hvp", choices=("exact", "fd"), default=d.hvp)
     g.add_argument("--lrscale-max-iter", type=int, default=d.max_iter)
+    g.add_argument(
+        "--lrscale-basis", choices=("auto", "host", "recompute"), default=d.basis, help="k=1 Lanczos basis"
+    )
     g.add_argument("--lrscale-tol", type=float, default=d.tol)
     g.add_argument(
         "--lrscale-warmup-checks", type=int, default=d.warmup_checks, help="measurements in warmup"
@@ -139,6 +142,7 @@ def config_from_megatron_args(
         per_group=args.lrscale_per_group,
         hvp=args.lrscale_hvp,
         max_iter=args.lrscale_max_iter,
+        basis=args.lrscale_basis,
         tol=args.lrscale_tol,
         warmup_checks=args.lrscale_warmup_checks,
         warmup_tol=args.lrscale_warmup_tol,
