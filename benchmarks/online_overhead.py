@@ -70,6 +70,10 @@ def train(
     )
     sched = LRScaleScheduler(opt, config)
     measure_s: list[float] = []
+    # the run's clocks start before the estimator is attached: its preflight and set-up are overhead too.
+    # thread CPU time (one torch thread) as well as wall-clock: on a shared machine other jobs move the
+    # wall-clock of identical runs by 10 % and more, this thread's CPU time far less
+    t0, c0 = time.perf_counter(), time.thread_time()
     if online.enabled:
         sched.attach_curvature(model, gpt_loss_fn, held)
 
@@ -88,7 +92,6 @@ def train(
             sched.core._warmup_estimator = timed(sched.core._warmup_estimator)
     loss = torch.tensor(math.nan)
     iter_s: list[float] = []  # each iteration's wall-clock, measurement time excluded
-    t0 = time.perf_counter()
     for b in batches:
         ti, n_before, m_before = time.perf_counter(), len(measure_s), sum(measure_s)
         loss = gpt_loss_fn(model, b)
@@ -99,9 +102,10 @@ def train(
         iter_s.append(
             time.perf_counter() - ti - (sum(measure_s) - m_before if len(measure_s) > n_before else 0.0)
         )
-    seconds = time.perf_counter() - t0
+    seconds, cpu_seconds = time.perf_counter() - t0, time.thread_time() - c0
     return {
         "seconds": seconds,
+        "cpu_seconds": cpu_seconds,
         "measurements": len(sched.history),
         "n_matvec": sum(int(h.get("n_matvec", 0)) for h in sched.history),
         "n_matvec_each": [int(h.get("n_matvec", 0)) for h in sched.history],
@@ -172,7 +176,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 res = train(preset, ctx, batches, held, online=oc, peak_lr=args.peak_lr, seed=args.seed)
                 runs[name].append(res)
                 print(
-                    f"repeat {r} {name:8s} {res['seconds']:.2f}s measurements={res['measurements']} "
+                    f"repeat {r} {name:8s} {res['seconds']:.2f}s (thread cpu {res['cpu_seconds']:.2f}s) "
+                    f"measurements={res['measurements']} "
                     f"n_matvec={res['n_matvec']} loss={res['final_loss']:.4f}",
                     flush=True,
                 )
@@ -207,6 +212,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "ratio_median": med_o / med_b,
         "steady_state_ratio": 1.0 + meas_s / (online.adapt_every * step_s) if n_meas else None,
         "ratio_min": min(onl) / min(base),
+        "baseline_cpu_seconds": [x["cpu_seconds"] for x in runs["baseline"]],
+        "online_cpu_seconds": [x["cpu_seconds"] for x in runs["online"]],
+        "cpu_ratio_median": statistics.median(x["cpu_seconds"] for x in runs["online"])
+        / statistics.median(x["cpu_seconds"] for x in runs["baseline"]),
+        "cpu_ratio_min": min(x["cpu_seconds"] for x in runs["online"])
+        / min(x["cpu_seconds"] for x in runs["baseline"]),
         "measured_fraction": fractions,
         "measured_fraction_local_iterations": in_iters,
         "measurement_in_iterations_median": statistics.median(per_meas) if per_meas else None,
