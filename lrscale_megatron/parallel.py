@@ -35,6 +35,7 @@ from typing import Any
 import torch
 
 from lrscale_megatron.curvature.backend import ParamSpec, VectorBackend
+from lrscale_megatron.megatron_state import layer_offset, megatron_initialized
 from lrscale_megatron.p2p import default_device as _default_device
 from lrscale_megatron.p2p import recv_tensor as _recv
 from lrscale_megatron.p2p import send_tensor as _send
@@ -147,7 +148,7 @@ class ParallelContext:
             embedding_group=emb,
             pp_prev_rank=ps.get_pipeline_model_parallel_prev_rank() if pp > 1 else None,
             pp_next_rank=ps.get_pipeline_model_parallel_next_rank() if pp > 1 else None,
-            layer_offset=_layer_offset(model) if model is not None else 0,
+            layer_offset=layer_offset(model) if model is not None else 0,
             world_size=dist.get_world_size(),
             source="megatron",
             double_backward_patch=megatron_tp.twice_differentiable_tp,
@@ -174,7 +175,7 @@ class ParallelContext:
         if mpu is None:
             group = engine.data_parallel_group if engine is not None else None
             return cls.from_ddp(group)
-        if hasattr(mpu, "get_tensor_model_parallel_world_size") and _megatron_initialized():
+        if hasattr(mpu, "get_tensor_model_parallel_world_size") and megatron_initialized():
             ctx = cls.from_megatron(model)
             ctx.source = "deepspeed+megatron"
             return ctx
@@ -386,23 +387,6 @@ class ParallelContext:
 def resolve_context(model: torch.nn.Module | None = None) -> ParallelContext:
     """The context of the running job: megatron ``parallel_state`` when it is initialised, else data
     parallelism over the whole world when ``torch.distributed`` is, else a single process."""
-    if _megatron_initialized():
+    if megatron_initialized():
         return ParallelContext.from_megatron(model)
     return ParallelContext.from_ddp()
-
-
-def _layer_offset(model: torch.nn.Module) -> int:
-    """Global index of the first transformer layer held by ``model`` (megatron's 1-based layer_number)."""
-    for m in model.modules():
-        n = getattr(m, "layer_number", None)
-        if isinstance(n, int) and hasattr(m, "self_attention"):
-            return n - 1
-    return 0
-
-
-def _megatron_initialized() -> bool:
-    try:
-        from megatron.core import parallel_state as ps
-    except ImportError:
-        return False
-    return bool(ps.model_parallel_is_initialized())

@@ -80,9 +80,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     try:
         gb = _validate(args, preset, ctx.dp_size)
         model = build_gpt(preset, ctx, dtype=DTYPES[args.dtype], seed=args.seed)
-        from lrscale_megatron.parallel import _layer_offset
+        from lrscale_megatron.megatron_state import layer_offset
 
-        ctx.layer_offset = _layer_offset(model)
+        ctx.layer_offset = layer_offset(model)
         full = byte_batch(gb, preset.seq_length, seed=args.seed)
         per_rank = gb // ctx.dp_size
         rows = slice(ctx.dp_rank * per_rank, (ctx.dp_rank + 1) * per_rank)

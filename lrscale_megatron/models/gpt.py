@@ -172,10 +172,10 @@ def init_by_global_name(model: torch.nn.Module, ctx: ParallelContext, num_layers
 
 
 def _with_offset(ctx: ParallelContext, model: torch.nn.Module) -> ParallelContext:
-    from lrscale_megatron.parallel import _layer_offset
+    from lrscale_megatron.megatron_state import layer_offset
 
     if ctx.pp_size > 1 and ctx.layer_offset == 0:
-        ctx.layer_offset = _layer_offset(model)
+        ctx.layer_offset = layer_offset(model)
     return ctx
 
 

@@ -199,9 +199,9 @@ def train(cfg: TrainConfig) -> TrainResult:
     t, m = cfg.training, cfg.model
     _seed_all(t.seed)
     model = build_model(cfg, ctx)
-    from lrscale_megatron.parallel import _layer_offset
+    from lrscale_megatron.megatron_state import layer_offset
 
-    ctx.layer_offset = _layer_offset(model)
+    ctx.layer_offset = layer_offset(model)
     data = build_data(cfg, ctx)
     ds_config, clip = deepspeed_config(cfg, ctx.dp_size)
     engine = initialize_engine(model, ds_config)

@@ -13,9 +13,9 @@ import torch
 from lrscale_megatron.curvature import HessianOperator, lanczos
 from lrscale_megatron.integrations.megatron_schedule import schedule_grad_fn
 from lrscale_megatron.launch import init_megatron, shutdown
+from lrscale_megatron.megatron_state import layer_offset
 from lrscale_megatron.models.gpt import build_gpt, get_preset, gpt_loss_fn
 from lrscale_megatron.models.text import byte_batch
-from lrscale_megatron.parallel import _layer_offset
 
 ap = argparse.ArgumentParser()
 ap.add_argument("--tp", type=int, default=1)
@@ -28,7 +28,7 @@ a = ap.parse_args()
 ctx = init_megatron(a.tp, a.pp, seed=0)
 preset = get_preset("tiny")
 model = build_gpt(preset, ctx, dtype=torch.float64, seed=0)
-ctx.layer_offset = _layer_offset(model)
+ctx.layer_offset = layer_offset(model)
 gb = 8
 full = byte_batch(gb, preset.seq_length, seed=0)
 per = gb // ctx.dp_size
@@ -46,7 +46,7 @@ _COLLECTIVES = (
     "broadcast",
     "send",
     "recv",
-            "all_gather",
+    "all_gather",
     "reduce_scatter",
     "all_gather_into_tensor",
     "reduce_scatter_tensor",
