@@ -266,17 +266,17 @@ class VectorBackend:
             return None, why
         return hb.HostBasis(self, n_vectors), why
 
+    def global_sum(self, local: float) -> float:
+        """``local`` summed over the model-parallel ranks (this rank's value when there are none)."""
+        n = torch.tensor(float(local), dtype=torch.float64, device=self.device)
+        if self._all_reduce is not None:
+            self._all_reduce(n)
+        return float(n.item())
+
     @property
     def dim(self) -> int:
         """Dimension of the global parameter vector (owned entries summed over model-parallel ranks)."""
-        n = torch.tensor(
-            float(sum(math.prod(s.shape) for s in self.specs if s.owned)),
-            dtype=torch.float64,
-            device=self.device,
-        )
-        if self._all_reduce is not None:
-            self._all_reduce(n)
-        return int(round(n.item()))
+        return int(round(self.global_sum(sum(math.prod(s.shape) for s in self.specs if s.owned))))
 
 
 #: elements per float64 chunk in :meth:`VectorBackend.local_dot` (512 KiB of float64 temporaries)

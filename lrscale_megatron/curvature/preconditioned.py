@@ -77,9 +77,10 @@ class PreconditionedOperator:
             self.scale.append(r.add_(eps).rsqrt_().masked_fill_(low, 0.0))
             del low
         del roots
-        masks = [(s == 0).to(op.backend.dtype) for s in self.scale]
-        self.n_excluded = int(round(self.backend.dot(masks, masks)))
-        del masks
+        # owned entries counted here, summed over model-parallel ranks: no parameter-sized mask list
+        zeros = [(s == 0).sum() for s, spec in zip(self.scale, self.backend.specs) if spec.owned]
+        local = int(torch.stack(zeros).sum()) if zeros else 0  # one device sync
+        self.n_excluded = int(round(self.backend.global_sum(local)))
         if self.n_excluded:
             logger.debug(
                 "preconditioned operator: %d coordinates at the round-off floor (sqrt(v) < %.3g) excluded",
