@@ -24,9 +24,12 @@ dtype (fp32; fp64 for fp64 models): Lanczos' ``q``, ``q_prev`` and the Ritz vect
 (independent of ``max_iter``) and the cached base gradient. When the host can hold the Lanczos basis
 (``lanczos(basis="auto")`` decides at measurement time, ``curvature/hostbasis.py``), the device holds
 :data:`FD_HOST_VECTORS` = 2 (``q`` and the base gradient) and the host ``max_iter`` vectors
-(``measurement_memory(basis="host", max_iter=...)``); the refusal below uses the fallback's 4, since the
-host's room is only known when the measurement runs. The perturbed parameters are restored by
-subtraction, without a copy (``fd_restore="copy"``: one more vector in the parameter dtype). With the
+(``measurement_memory(basis="host", max_iter=...)``), plus, for float32/float64 parameters, the fd
+anchor (:data:`FD_ANCHOR_VECTORS` = 1 in the parameter dtype: one copy of the parameters for the length
+of the solve, which the products restore from; ``curvature/anchor.py``): 3 in all. The refusal below
+uses the fallback's 4, since the host's room is only known when the measurement runs. With the second
+pass the perturbed parameters are restored by subtraction, without a copy (the default
+``fd_restore="auto"``; ``"copy"``: one more vector in the parameter dtype). With the
 Adam preconditioner: :data:`PRECONDITION_VECTORS` = 2 more (the scale and the scaled input). With
 bf16/fp16 parameters the loss is evaluated at fp32 substitutes: one more fp32 vector, and the forward
 runs in fp32, so one more micro-batch of activations (``activation_bytes``). Exact products keep
@@ -51,6 +54,8 @@ GIB = 1024**3
 FD_VECTORS = 4
 #: fd, k=1 with the Lanczos basis in host memory: q and the cached base gradient on the device
 FD_HOST_VECTORS = 2
+#: fd, k=1 with the host basis, float32/float64 parameters: the anchor (in the parameter dtype)
+FD_ANCHOR_VECTORS = 1
 #: the Adam preconditioner's scale P^-1/2 and the scaled input of each product
 PRECONDITION_VECTORS = 2
 #: exact products: q, q_prev, the Ritz vector and the product
@@ -105,7 +110,7 @@ def measurement_memory(
     param_bytes: int,
     precondition: bool = True,
     activation_bytes: int = 0,
-    fd_restore: str = "subtract",
+    fd_restore: str = "auto",
     basis: str = "recompute",
     max_iter: int = 20,
 ) -> MeasurementMemory:
@@ -114,6 +119,8 @@ def measurement_memory(
     ``activation_bytes``: one micro-batch's activations (the exact mode's graph; the fp32 forward of
     bf16/fp16 models in fd mode). ``basis``: ``"recompute"`` (no stored basis: the worst case on the
     device) or ``"host"`` (fd only: the basis in host memory, ``max_iter`` vectors in ``host_bytes``).
+    ``fd_restore`` as :class:`~lrscale_megatron.curvature.operators.HessianOperator`'s (``"auto"``: the
+    anchor with the host basis, subtraction with the second pass).
     """
     if basis not in ("recompute", "host"):
         raise ValueError(f"basis={basis!r} is not 'recompute' or 'host'")
@@ -121,8 +128,8 @@ def measurement_memory(
         raise ValueError("basis='host' is counted for mode='fd' only")
     if mode not in ("fd", "exact"):
         raise ValueError(f"mode={mode!r} is not 'fd' or 'exact'")
-    if fd_restore not in ("subtract", "copy"):
-        raise ValueError(f"fd_restore={fd_restore!r} is not 'subtract' or 'copy'")
+    if fd_restore not in ("auto", "subtract", "copy"):
+        raise ValueError(f"fd_restore={fd_restore!r} is not 'auto', 'subtract' or 'copy'")
     low = param_bytes < 4
     vbytes = 8 if param_bytes == 8 else 4  # the vector dtype: fp32, fp64 for fp64 models
     pre = PRECONDITION_VECTORS if precondition else 0
@@ -134,6 +141,8 @@ def measurement_memory(
             per += 4  # fp32 substitutes of the parameters
         elif fd_restore == "copy":
             per += param_bytes
+        elif fd_restore == "auto" and basis == "host":
+            per += FD_ANCHOR_VECTORS * param_bytes
         graph = int(activation_bytes) if low else 0  # the fp32 forward of a bf16/fp16 model
     else:
         per = vbytes * (EXACT_FP32_VECTORS + pre) + 2 * param_bytes  # + tangent, gradient with its graph

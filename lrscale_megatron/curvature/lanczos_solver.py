@@ -33,6 +33,7 @@ and a ``reason`` naming the iteration; the values reported are the last finite R
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from collections.abc import Callable, Sequence
@@ -93,6 +94,23 @@ def _host_basis(be: object, basis: str, n_vectors: int) -> tuple[OffDeviceBasis 
     else:
         logger.info("lanczos: basis='host' (Lanczos vectors in host memory, no second pass): %s", why)
     return hb, why
+
+
+def _solve_scoped(solver: Callable[..., EigenResult]) -> Callable[..., EigenResult]:
+    """What a solve lends its operator (the fd anchor: ``op.allow_anchor()``, :mod:`.anchor`) is taken
+    back when the solve ends, also on an exception: a copy of the parameters must never outlive the solve
+    it was taken for (after an optimizer step, writing it back would revert training)."""
+
+    @functools.wraps(solver)
+    def solve(op: LinearOperator, *args, **kwargs) -> EigenResult:
+        try:
+            return solver(op, *args, **kwargs)
+        finally:
+            drop = getattr(op, "drop_anchor", None)
+            if drop is not None:
+                drop()
+
+    return solve
 
 
 def _probe(
@@ -156,6 +174,7 @@ def _second_pass(
     return y, n_matvec, None
 
 
+@_solve_scoped
 def lanczos(
     op: LinearOperator,
     k: int = 1,
@@ -234,6 +253,9 @@ def lanczos(
     if kept in ("host", "auto1"):
         hb, _ = _host_basis(be, kept, max_iter)
         kept = "host" if hb is not None else "recompute"
+        allow_anchor = getattr(op, "allow_anchor", None)  # device: q, the product and the fd anchor
+        if hb is not None and allow_anchor is not None:
+            allow_anchor()
     keep = kept == "keep"
     stored: list[Vector] = [q] if keep else []
     if hb is not None:

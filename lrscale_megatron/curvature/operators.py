@@ -21,9 +21,13 @@ micro-batches and over data-parallel replicas) to a per-parameter vector, in one
   float16 parameters, so the perturbation is not rounded away (in bf16, 1,583 of 28,032 parameters
   moved and lambda was 30.6 for 11.47). No double backward: fd never enables the TP patch. With a user
   ``grad_fn`` (e.g. megatron's pipeline schedule) and for float32/float64 parameters, the parameters are
-  perturbed in place and restored exactly by subtracting ``h v`` again, checked before perturbing
-  (:mod:`.perturb`; no parameter copy), or from a copy (``fd_restore="copy"``); bfloat16/float16
-  parameters are refused with a ``grad_fn``.
+  perturbed in place and restored bit for bit. ``fd_restore="auto"`` (the default): inside a solve
+  whose device has room for one parameter-sized vector (``lanczos`` with the host basis lends it,
+  :meth:`HessianOperator.allow_anchor`, and takes it back when the solve ends), from the **anchor**, one
+  copy of the parameters taken once per solve (:mod:`.anchor`: write ``θ0 + h v``, restore ``θ0`` by a
+  copy, two passes a product); otherwise by subtracting ``h v`` again, checked before perturbing
+  (:mod:`.perturb`; no parameter copy). ``"subtract"`` always subtracts; ``"copy"`` copies the
+  parameters in every product. bfloat16/float16 parameters are refused with a ``grad_fn``.
 * ``"jvp"`` -- forward-over-reverse with ``torch.func.jvp(grad(L))``; plain PyTorch models only.
 
 Every evaluation of the loss is deterministic: dropout off and random generators fixed and restored
@@ -43,6 +47,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch.utils._pytree import tree_map
 
+from lrscale_megatron.curvature.anchor import Anchor
 from lrscale_megatron.curvature.backend import Vector, VectorBackend
 from lrscale_megatron.curvature.evaluation import (
     LOW_PRECISION,
@@ -62,7 +67,7 @@ LossFn = Callable[[torch.nn.Module, Any], torch.Tensor]
 GradFn = Callable[[], "tuple[float, list[torch.Tensor]]"]
 MODES = ("exact", "fd", "jvp")
 FD_SCHEMES = ("forward", "central")
-FD_RESTORE = ("subtract", "copy")
+FD_RESTORE = ("auto", "subtract", "copy")
 
 
 def _is_microbatch_list(batch: Any) -> bool:
@@ -93,10 +98,12 @@ class HessianOperator:
         reuse_graph: exact mode: keep the first gradient's graph across products. Default: when there
             is one micro-batch and no pipeline parallelism (memory: one graph per micro-batch).
         fd_restore: how fd mode puts float32/float64 parameters back after evaluating at ``θ + h v``:
-            ``"subtract"`` (default) subtracts ``h v`` again, exact by a check made before perturbing
-            (:mod:`.perturb`; no parameter copy: the measurement stays within 4 vectors); ``"copy"``
-            keeps a copy of the parameters (one more vector, fewer elementwise passes: faster where a
-            forward+backward is cheap next to a pass over the parameters).
+            ``"auto"`` (default): from the anchor (:mod:`.anchor`: one copy of the parameters for the
+            length of a solve, two passes a product) while a solver has said the device has room for it
+            (:meth:`allow_anchor`; ``lanczos`` with the host basis: 3 vectors on the device), else as
+            ``"subtract"``; ``"subtract"`` subtracts ``h v`` again, exact by a check made before
+            perturbing (:mod:`.perturb`; no parameter copy: the second-pass measurement stays within 4
+            vectors); ``"copy"`` copies the parameters in every product (one more vector).
     """
 
     returns_new_tensors = True
@@ -117,7 +124,7 @@ class HessianOperator:
         input_setter: Callable[[torch.nn.Module, torch.Tensor | None], None] | None = None,
         eval_mode: bool = True,
         reuse_graph: bool | None = None,
-        fd_restore: str = "subtract",
+        fd_restore: str = "auto",
     ) -> None:
         if mode not in MODES:
             raise ValueError(f"HessianOperator mode={mode!r} is not one of {MODES}")
@@ -188,6 +195,8 @@ class HessianOperator:
         self._base: tuple[float, list[torch.Tensor]] | None = None
         self._base_version: int | None = None
         self._theta_norm: tuple[int, float] | None = None
+        self._anchor_room = False  # a solver said the device has room for the fd anchor (allow_anchor)
+        self._anchor: Anchor | None = None
         self._graph: tuple[int, list[tuple[float, list[torch.Tensor | None]]], list[torch.Tensor]] | None = (
             None
         )
@@ -361,9 +370,40 @@ class HessianOperator:
     __call__ = matvec
 
     def release(self) -> None:
-        """Free what the operator caches (the first gradient's graph, the fd base gradient)."""
+        """Free what the operator caches (the first gradient's graph, the fd base gradient, the fd anchor)."""
         self._graph = None
         self._base = None
+        self.drop_anchor()
+
+    # ------------------------------------------------------------------ the fd anchor (:mod:`.anchor`)
+    @property
+    def restore_mode(self) -> str:
+        """How the next fd product puts float32/float64 parameters back: ``"anchor"``, ``"subtract"`` or
+        ``"copy"`` (``fd_restore="auto"``: the anchor while a solver allows it, else subtract)."""
+        if self.fd_restore != "auto":
+            return self.fd_restore
+        return "anchor" if self._anchor_room else "subtract"
+
+    def allow_anchor(self) -> bool:
+        """Called by a solver whose device has room for one more parameter-sized vector until it calls
+        :meth:`drop_anchor` (in a ``finally``, when the solve ends). Returns whether fd products will use
+        the anchor (``mode="fd"``, ``fd_restore="auto"``, float32/float64 parameters perturbed in place)."""
+        use = self.mode == "fd" and self.fd_restore == "auto" and not self.upcast
+        self._anchor_room = use
+        return use
+
+    def drop_anchor(self) -> None:
+        """Forget the anchor and the room for it: later fd products restore by subtraction."""
+        self._anchor_room = False
+        self._anchor = None
+
+    def _fd_anchor(self) -> Anchor:
+        """The solve's anchor: kept while the parameters are the anchored ones, unmoved since its last
+        restore (identity, ``data_ptr``, ``_version``); else taken again from the parameters as they are."""
+        if self._anchor is None or not self._anchor.matches(self.params):
+            self._anchor = None
+            self._anchor = Anchor(self.params)
+        return self._anchor
 
     def _params_version(self) -> int:
         """Changes whenever any parameter is modified in place (optimizer steps, load_state_dict)."""

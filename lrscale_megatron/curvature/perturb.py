@@ -1,9 +1,12 @@
 """Perturb parameters in place, ``theta <- theta + h v``, and restore them exactly without a copy.
 
 A finite-difference product evaluates the gradient at ``theta + h v``. Keeping a copy of ``theta`` to
-restore it afterwards costs one parameter-sized vector, the one that put the online measurement over
-its memory budget (5 vectors). Instead, with ``h`` a power of two (so ``h v`` is exact and each step
-below is one correctly rounded operation):
+restore it afterwards costs one parameter-sized vector. Where a solve has that room (``lanczos`` with
+its basis in host memory: 3 vectors on the device with the copy), the default ``fd_restore="auto"``
+keeps one copy for the whole solve (:mod:`.anchor`, two passes a product). Where it has not (the
+second-pass Lanczos, 4 vectors without a copy; power iteration, a kept basis, products outside a
+solver), and with ``fd_restore="subtract"``, this module restores without a copy. With ``h`` a power of
+two (so ``h v`` is exact and each step below is one correctly rounded operation):
 
 * :func:`perturb_` first checks, for every element, that ``fl(fl(theta + h v) - h v) == theta``
   without writing anything: ``|fl(fl(theta + h v) - h v) - theta|`` goes into one scratch buffer, the

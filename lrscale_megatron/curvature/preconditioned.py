@@ -115,6 +115,14 @@ class PreconditionedOperator:
             vs.append(st["exp_avg_sq"] / (1 - beta2**step))
         return cls(op, vs, eps=float(eps if eps is not None else 1e-8))
 
+    def allow_anchor(self) -> bool:
+        """Forwarded to the Hessian operator (:meth:`HessianOperator.allow_anchor`)."""
+        return self.op.allow_anchor()
+
+    def drop_anchor(self) -> None:
+        """Forwarded to the Hessian operator (:meth:`HessianOperator.drop_anchor`)."""
+        self.op.drop_anchor()
+
     def matvec(self, v: Vector) -> Vector:
         self.n_matvec += 1
         w = self.op.matvec([vi * s for vi, s in zip(v, self.scale)])

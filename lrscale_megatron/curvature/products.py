@@ -149,7 +149,15 @@ def _grad_at(op: HessianOperator, v: Vector, h: float, scale: float) -> tuple[Ve
     # float32/float64 (and any user grad_fn): perturb the parameters in place and restore them bit for bit
     # without a parameter copy (:mod:`.perturb`: the check that subtracting h*v gives them back runs first)
     version = op._params_version()
-    if op.fd_restore == "copy":  # one parameter-sized copy, fewer elementwise passes
+    mode = op.restore_mode
+    if mode == "anchor":  # one copy theta0 for the whole solve: write theta0 + h v, restore by a copy
+        anchor = op._fd_anchor()
+        try:
+            anchor.perturb_(v, h)
+            _, g = op.loss_and_grad(grad_scale=scale)
+        finally:
+            anchor.restore_()
+    elif mode == "copy":  # one parameter-sized copy per product, fewer elementwise passes
         copy = [p.detach().clone() for p in op.params]
         try:
             with torch.no_grad():

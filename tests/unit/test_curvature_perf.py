@@ -110,8 +110,9 @@ def test_fd_measurement_adds_at_most_four_vectors_over_a_training_step(chunk, mo
             # q, q_prev, the Ritz vector, the cached base gradient; no restore copy (was 5.0)
             assert max(peaks) <= 4.0 + 0.05 and host == [0.0, 0.0], (peaks, host)
         else:
-            # the basis in host memory (m vectors): the device keeps q and the base gradient
-            assert max(peaks) <= 2.0 + 0.05, peaks
+            # the basis in host memory (m vectors): the device keeps q, the base gradient and the fd
+            # anchor (one copy of the parameters for the solve, fd_restore="auto"; curvature/anchor.py)
+            assert 3.0 - 0.05 <= max(peaks) <= 3.0 + 0.05, peaks
             assert host == [4.0, 8.0], host
         assert peaks[1] <= peaks[0] + 0.01, peaks  # independent of max_iter
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
