@@ -11,10 +11,12 @@ Memory: :class:`lrscale_megatron.curvature.memtrack.LiveTensorBytes` records the
 storage allocated inside a block and alive at once (activations, gradients, Krylov vectors, autograd
 buffers). ``train`` is one forward + backward (``torch.autograd.grad``); a measurement is
 ``lanczos(HessianOperator(mode="fd"), k=1, max_iter=m, tol=0, return_vectors=True)`` (tol=0 runs all
-``m`` iterations and the second pass: the worst case), with the default ``fd_restore="subtract"`` (no
-parameter copy) and, float32, ``"copy"``; ``basis="recompute"`` (second pass) and ``basis="host"``
-(Lanczos vectors in host memory). Reported: the excess of the measurement's *device* peak over the
-training step's (what the measurement adds), and the host basis's bytes, apart
+``m`` iterations and the second pass: the worst case), with the default ``fd_restore="auto"`` (the fd
+anchor, one parameter copy for the solve, with ``basis="host"``; subtraction, no copy, with the second
+pass), ``"subtract"`` with the host basis (no anchor) and, float32, ``"copy"``; ``basis="recompute"``
+(second pass) and ``basis="host"`` (Lanczos vectors in host memory). Reported: the excess of the
+measurement's *device* peak over the training step's (what the measurement adds), and the host basis's
+bytes, apart
 (:class:`~lrscale_megatron.curvature.memtrack.HostDeviceBytes`; on this CPU both are the same RAM), in
 bytes and in units of parameter bytes.
 
@@ -69,7 +71,7 @@ def memory(quick: bool, dtype: torch.dtype, iters: list[int]) -> dict:
     train = mem.peak
     out = {"dtype": str(dtype).removeprefix("torch."), "params": sum(p.numel() for p in model.parameters())}
     out["param_bytes"], out["train_peak_x"] = pbytes, train / pbytes
-    runs = [("subtract", "recompute"), ("subtract", "host")]
+    runs = [("auto", "recompute"), ("auto", "host"), ("subtract", "host")]
     if dtype == torch.float32:
         runs.append(("copy", "recompute"))
     for restore, basis in runs:

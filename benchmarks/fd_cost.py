@@ -10,12 +10,15 @@ One process, CPU (no GPU needed)::
 
 Model: TorchGPT V=256, S=64, H=128, L=4 (834,304 float32 parameters; the model of
 ``benchmarks/curvature_memory.py``), one micro-batch of ``B x 64`` tokens. For each batch size, fwd+bwd
-(``torch.autograd.grad`` of the loss), one fd product (forward scheme, base gradient cached) with the
-default ``fd_restore="subtract"`` and with ``"copy"``, and one exact product (first-gradient graph reused)
-on a unit vector are timed **interleaved** in this process, ``--repeats`` rounds; each operator has its
-own model copy (an fd product bumps its parameters' versions); the script asserts that no cached
-gradient or graph is re-taken. Reported: median and min of each ratio to fwd+bwd. ``--breakdown``
-also times the fd product's phases (perturb, gradient at the perturbed point, restore, the rest) by
+(``torch.autograd.grad`` of the loss), one fd product (forward scheme, base gradient cached) restored
+by subtraction (``fd``: the default ``fd_restore="auto"`` outside a solve that lends the room, and with
+the second-pass Lanczos), from the anchor (``fd anchor``: ``"auto"`` inside a host-basis Lanczos solve;
+the operator is lent the room as that solver lends it, ``allow_anchor()``, and one anchor serves every
+round), with ``fd_restore="copy"``, and one exact product (first-gradient graph reused) on a unit vector
+are timed **interleaved** in this process, ``--repeats`` rounds; each operator has its own model copy
+(an fd product bumps its parameters' versions); the script asserts that no cached gradient or graph is
+re-taken. Reported: median and min of each ratio to fwd+bwd. ``--breakdown`` also times the phases of
+the ``fd`` and ``fd anchor`` products (perturb, gradient at the perturbed point, restore, the rest) by
 wrapping them, over the same rounds.
 """
 
@@ -33,6 +36,7 @@ import torch
 
 from lrscale_megatron.curvature import HessianOperator, products
 from lrscale_megatron.curvature import perturb as pt
+from lrscale_megatron.curvature.anchor import Anchor
 from lrscale_megatron.models.torch_gpt import TorchGPT, TorchGPTConfig, torch_gpt_loss
 
 #: the clock every figure is read from: ``time.perf_counter`` (wall) or ``time.thread_time`` (this
@@ -64,7 +68,7 @@ class _Phases:
 
     def __init__(self) -> None:
         self.t: dict[str, float] = defaultdict(float)
-        self._orig = (products.perturb_, products.restore_)
+        self._orig = (products.perturb_, products.restore_, Anchor.perturb_, Anchor.restore_)
 
     def wrap(self, name, fn):
         def inner(*a, **k):
@@ -79,51 +83,63 @@ class _Phases:
     def __enter__(self):
         products.perturb_ = self.wrap("perturb", pt.perturb_)  # type: ignore[assignment]
         products.restore_ = self.wrap("restore", pt.restore_)  # type: ignore[assignment]
+        Anchor.perturb_ = self.wrap("anchor perturb", self._orig[2])  # type: ignore[method-assign]
+        Anchor.restore_ = self.wrap("anchor restore", self._orig[3])  # type: ignore[method-assign]
         return self
 
     def __exit__(self, *exc):
-        products.perturb_, products.restore_ = self._orig
+        products.perturb_, products.restore_, Anchor.perturb_, Anchor.restore_ = self._orig
 
 
 def measure(quick: bool, bsz: int, repeats: int, breakdown: bool) -> dict:
     model, batch = build(quick, bsz)
     params = list(model.parameters())
     fd = HessianOperator(copy.deepcopy(model), loss_fn, batch, mode="fd")
+    fda = HessianOperator(copy.deepcopy(model), loss_fn, batch, mode="fd")
     fdc = HessianOperator(copy.deepcopy(model), loss_fn, batch, mode="fd", fd_restore="copy")
     ex = HessianOperator(copy.deepcopy(model), loss_fn, batch, mode="exact")
+    assert fd.restore_mode == "subtract" and fda.allow_anchor() and fda.restore_mode == "anchor"
     v = fd.backend.randn(0)
     nv = fd.backend.norm(v)
     v = [x / nv for x in v]  # a unit vector, as Lanczos hands the operator
-    for op in (fd, fdc, ex):
-        op.matvec(v)  # caches the base gradient / builds the reused graph
-    phases = _Phases()
-    grad_t = [0.0]
-    fd_grad = fd.loss_and_grad
+    for op in (fd, fda, fdc, ex):
+        op.matvec(v)  # caches the base gradient / builds the reused graph / takes the anchor
+    anchor = fda._anchor
+    phases = {"fd": _Phases(), "fd anchor": _Phases()}
+    grad_t = {"fd": [0.0], "fd anchor": [0.0]}
 
-    def timed_grad(*a, **k):
-        t0 = CLOCK[0]()
-        try:
-            return fd_grad(*a, **k)
-        finally:
-            grad_t[0] += CLOCK[0]() - t0
+    def timed(fn, acc):
+        def inner(*a, **k):
+            t0 = CLOCK[0]()
+            try:
+                return fn(*a, **k)
+            finally:
+                acc[0] += CLOCK[0]() - t0
+
+        return inner
 
     if breakdown:
-        fd.loss_and_grad = timed_grad  # type: ignore[method-assign]
-    t: dict[str, list[float]] = {"fwd+bwd": [], "fd": [], "fd copy": [], "exact": []}
-    with phases if breakdown else _Null():
-        for _ in range(repeats):
-            for name, fn in (
-                ("fwd+bwd", lambda: torch.autograd.grad(loss_fn(model, batch), params)),
-                ("fd", lambda: fd.matvec(v)),
-                ("fd copy", lambda: fdc.matvec(v)),
-                ("exact", lambda: ex.matvec(v)),
-            ):
+        fd.loss_and_grad = timed(fd.loss_and_grad, grad_t["fd"])  # type: ignore[method-assign]
+        fda.loss_and_grad = timed(fda.loss_and_grad, grad_t["fd anchor"])  # type: ignore[method-assign]
+    names = ("fd", "fd anchor", "fd copy", "exact")
+    t: dict[str, list[float]] = {"fwd+bwd": [], **{k: [] for k in names}}
+    for _ in range(repeats):
+        for name, fn in (
+            ("fwd+bwd", lambda: torch.autograd.grad(loss_fn(model, batch), params)),
+            ("fd", lambda: fd.matvec(v)),
+            ("fd anchor", lambda: fda.matvec(v)),
+            ("fd copy", lambda: fdc.matvec(v)),
+            ("exact", lambda: ex.matvec(v)),
+        ):
+            with phases[name] if breakdown and name in phases else _Null():
                 t0 = CLOCK[0]()
                 fn()
                 t[name].append(CLOCK[0]() - t0)
-    assert fd.n_grad == 1 + fd.n_matvec and fdc.n_grad == 1 + fdc.n_matvec and ex.n_grad == 1, (
+    assert all(op.n_grad == 1 + op.n_matvec for op in (fd, fda, fdc)) and ex.n_grad == 1, (
         "a cached gradient was re-taken"
     )
+    assert fda._anchor is anchor, "the anchor was re-taken"
+    fda.drop_anchor()  # what the solver does when the solve ends
     med = {k: statistics.median(x) for k, x in t.items()}
     low = {k: min(x) for k, x in t.items()}
     out = {
@@ -132,14 +148,15 @@ def measure(quick: bool, bsz: int, repeats: int, breakdown: bool) -> dict:
         "params": sum(p.numel() for p in params),
         "median_ms": {k: 1000 * x for k, x in med.items()},
         "min_ms": {k: 1000 * x for k, x in low.items()},
-        "ratio_median": {k: med[k] / med["fwd+bwd"] for k in ("fd", "fd copy", "exact")},
-        "ratio_min": {k: low[k] / low["fwd+bwd"] for k in ("fd", "fd copy", "exact")},
+        "ratio_median": {k: med[k] / med["fwd+bwd"] for k in names},
+        "ratio_min": {k: low[k] / low["fwd+bwd"] for k in names},
     }
     if breakdown:
-        total = sum(t["fd"])
-        parts = {**phases.t, "gradient": grad_t[0]}
-        parts["rest"] = total - sum(parts.values())
-        out["fd_phases_ms_per_product"] = {k: 1000 * x / repeats for k, x in parts.items()}
+        for name, ph in phases.items():
+            parts = {**ph.t, "gradient": grad_t[name][0]}
+            parts["rest"] = sum(t[name]) - sum(parts.values())
+            key = "fd_phases_ms_per_product" if name == "fd" else "fd_anchor_phases_ms_per_product"
+            out[key] = {k: 1000 * x / repeats for k, x in parts.items()}
     return out
 
 
@@ -177,15 +194,14 @@ def main() -> None:
     res["load_after"] = os.getloadavg()
     print(json.dumps(res, indent=1))
     print(
-        "\n| tokens | fwd+bwd ms (median) | fd / fwd+bwd median (min) | fd copy / fwd+bwd | exact / fwd+bwd |"
+        "\n| tokens | fwd+bwd ms (median) | fd / fwd+bwd median (min) | fd anchor / fwd+bwd | "
+        "fd copy / fwd+bwd | exact / fwd+bwd |"
     )
-    print("|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|")
     for r in res["sizes"]:
         m, n = r["ratio_median"], r["ratio_min"]
-        print(
-            f"| {r['tokens']} | {r['median_ms']['fwd+bwd']:.1f} | {m['fd']:.3f} ({n['fd']:.3f}) | "
-            f"{m['fd copy']:.3f} ({n['fd copy']:.3f}) | {m['exact']:.3f} ({n['exact']:.3f}) |"
-        )
+        cells = " | ".join(f"{m[k]:.3f} ({n[k]:.3f})" for k in ("fd", "fd anchor", "fd copy", "exact"))
+        print(f"| {r['tokens']} | {r['median_ms']['fwd+bwd']:.1f} | {cells} |")
 
 
 if __name__ == "__main__":

@@ -213,9 +213,10 @@ def lanczos(
         basis: ``"keep"`` stores every Lanczos vector (memory ``max_iter`` vectors, no extra products);
             ``"recompute"`` (``k=1`` only) stores none and rebuilds the Ritz vector by a second pass
             (memory bounded by 4 vectors for any ``max_iter``; about twice the products); ``"host"``
-            (``k=1`` only) stores them in host memory (device: 2 vectors for any ``max_iter``; host:
-            ``max_iter``; no extra products; refused when the host budget is too small or the backend
-            has none); ``"auto"`` (default): for ``k=1`` (unless ``reorth="full"``) ``"host"`` when the
+            (``k=1`` only) stores them in host memory (device: 2 vectors for any ``max_iter``, 3 with
+            the fd anchor a ``HessianOperator`` is lent for the solve; host: ``max_iter``; no extra
+            products; refused when the host budget is too small or the backend has none); ``"auto"``
+            (default): for ``k=1`` (unless ``reorth="full"``) ``"host"`` when the
             backend offers one within its budget on every rank, else ``"recompute"`` (logged at INFO,
             with the reason); ``"keep"`` otherwise.
 

@@ -90,11 +90,19 @@ grad_fn = schedule_grad_fn(model, gpt_loss_fn, micro, seq_length=preset.seq_leng
 sched = HessianOperator(
     model, gpt_loss_fn, micro, mode="fd", fd_scheme="central", parallel=ctx, grad_fn=grad_fn
 ).matvec(v)
-for spec, h, f, s in zip(op.backend.specs, hv, fd, sched):
+# the same products with the fd anchor a host-basis solve lends (one copy per solve, restored by a copy)
+anchored = HessianOperator(
+    model, gpt_loss_fn, micro, mode="fd", fd_scheme="central", parallel=ctx, grad_fn=grad_fn
+)
+assert anchored.allow_anchor()
+sched_anchor = anchored.matvec(v)
+anchored.drop_anchor()
+for spec, h, f, s, sa in zip(op.backend.specs, hv, fd, sched, sched_anchor):
     out["shards"][spec.name] = {
         "exact": h,
         "fd": f,
         "sched": s,
+        "sched_anchor": sa,
         "partition_dim": spec.partition_dim,
         "tp_rank": spec.tp_rank,
         "tp_size": spec.tp_size,

@@ -68,6 +68,9 @@ def test_layout_matches_single_process(tmp_path_factory, reference, nproc, tp, p
     assert max_rel_err(assemble(ranks, "exact"), ref_exact) < TOL
     # finite differences through megatron's own pipeline schedule agree too (O(h^2) accurate)
     assert max_rel_err(assemble(ranks, "sched"), ref_exact) < FD_TOL
+    # ... and with the fd anchor (restore by a copy) they are the very same numbers as by subtraction
+    sched, anchored = assemble(ranks, "sched"), assemble(ranks, "sched_anchor")
+    assert all(torch.equal(sched[n], anchored[n]) for n in sched)
     for r in ranks:
         # every tensor handed to torch.distributed (exact, fd, schedule fd, Lanczos) is on the context's device
         assert r["devices"], "no collective recorded: the recorder is not wired"
