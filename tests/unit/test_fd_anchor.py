@@ -59,7 +59,7 @@ def _same_bits(a, b):
     return all(torch.equal(x, y) for x, y in zip(_bits(a), _bits(b)))
 
 
-@pytest.mark.parametrize("which", ["gpt32", "gpt64", "odd"])
+@pytest.mark.parametrize("which", ["gpt32", "gpt32-central", "gpt64", "odd"])
 def test_anchor_products_equal_subtract_products_bit_for_bit(which):
     if which == "odd":
         model = _Odd()
@@ -68,8 +68,9 @@ def test_anchor_products_equal_subtract_products_bit_for_bit(which):
     else:
         model, batch = _gpt(torch.float64 if which == "gpt64" else torch.float32)
         loss = _loss
-    a = HessianOperator(copy.deepcopy(model), loss, batch, mode="fd")  # fd_restore="auto"
-    s = HessianOperator(copy.deepcopy(model), loss, batch, mode="fd", fd_restore="subtract")
+    scheme = "central" if which.endswith("central") else "forward"
+    a = HessianOperator(copy.deepcopy(model), loss, batch, mode="fd", fd_scheme=scheme)  # fd_restore="auto"
+    s = HessianOperator(copy.deepcopy(model), loss, batch, mode="fd", fd_scheme=scheme, fd_restore="subtract")
     assert a.fd_restore == "auto" and a.restore_mode == "subtract"  # no solver has lent the room
     assert a.allow_anchor() and a.restore_mode == "anchor"
     before = _bits(a.params)
@@ -79,7 +80,8 @@ def test_anchor_products_equal_subtract_products_bit_for_bit(which):
         ha, hs = a.matvec(v), s.matvec(v)
         assert all(torch.equal(x, y) for x, y in zip(ha, hs)), seed  # same h: the same bits
         assert all(torch.equal(x, y) for x, y in zip(_bits(a.params), before)), seed  # restored bit for bit
-    assert a._anchor is not None and a.n_grad == s.n_grad == 4  # one anchor, one base gradient for all
+    # one anchor for every product; forward: one base gradient for all, central: two gradients each
+    assert a._anchor is not None and a.n_grad == s.n_grad == (6 if scheme == "central" else 4)
     a.release()
     assert a._anchor is None and a.restore_mode == "subtract"
 
