@@ -7,6 +7,7 @@ One process, CPU (no GPU needed)::
     python benchmarks/fd_cost.py --batch 4 --repeats 21       # the 256-token micro-batch only
     python benchmarks/fd_cost.py --quick                      # tiny model, smoke run
     python benchmarks/fd_cost.py --clock thread               # CPU time of the one torch thread
+    python benchmarks/fd_cost.py --batch 4 --solve 8          # also whole Lanczos solves, anchor vs not
 
 Model: TorchGPT V=256, S=64, H=128, L=4 (834,304 float32 parameters; the model of
 ``benchmarks/curvature_memory.py``), one micro-batch of ``B x 64`` tokens. For each batch size, fwd+bwd
@@ -19,7 +20,9 @@ are timed **interleaved** in this process, ``--repeats`` rounds; each operator h
 (an fd product bumps its parameters' versions); the script asserts that no cached gradient or graph is
 re-taken. Reported: median and min of each ratio to fwd+bwd. ``--breakdown`` also times the phases of
 the ``fd`` and ``fd anchor`` products (perturb, gradient at the perturbed point, restore, the rest) by
-wrapping them, over the same rounds.
+wrapping them, over the same rounds. ``--solve N`` also times whole ``k=1`` Lanczos solves (``basis="host"``,
+``max_iter=N``, ``tol=0``: N products) with the default ``fd_restore="auto"`` (the anchor) and with
+``"subtract"``, interleaved, and checks that their Ritz histories are identical.
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ from collections import defaultdict
 
 import torch
 
-from lrscale_megatron.curvature import HessianOperator, products
+from lrscale_megatron.curvature import HessianOperator, lanczos, products
 from lrscale_megatron.curvature import perturb as pt
 from lrscale_megatron.curvature.anchor import Anchor
 from lrscale_megatron.models.torch_gpt import TorchGPT, TorchGPTConfig, torch_gpt_loss
@@ -160,6 +163,30 @@ def measure(quick: bool, bsz: int, repeats: int, breakdown: bool) -> dict:
     return out
 
 
+def solves(quick: bool, bsz: int, repeats: int, max_iter: int) -> dict:
+    """Whole k=1 Lanczos solves on the host basis, fd_restore auto (anchor) vs subtract, interleaved."""
+    model, batch = build(quick, bsz)
+    t: dict[str, list[float]] = {"auto": [], "subtract": []}
+    hist = {}
+    for _ in range(repeats):
+        for restore in t:
+            op = HessianOperator(copy.deepcopy(model), loss_fn, batch, mode="fd", fd_restore=restore)
+            t0 = CLOCK[0]()
+            r = lanczos(op, k=1, max_iter=max_iter, tol=0.0, basis="host")
+            t[restore].append(CLOCK[0]() - t0)
+            assert op._anchor is None
+            hist.setdefault(restore, r.history)
+    assert hist["auto"] == hist["subtract"], "the anchor changed the Ritz values"
+    med = {k: statistics.median(x) for k, x in t.items()}
+    return {
+        "batch": bsz,
+        "max_iter": max_iter,
+        "median_s": med,
+        "min_s": {k: min(x) for k, x in t.items()},
+        "auto/subtract (median)": med["auto"] / med["subtract"],
+    }
+
+
 class _Null:
     def __enter__(self):
         return self
@@ -178,6 +205,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--breakdown", action="store_true", help="also time the fd product's phases")
     ap.add_argument(
+        "--solve", type=int, default=0, help="also time whole Lanczos solves of this many products"
+    )
+    ap.add_argument(
         "--clock",
         choices=("wall", "thread"),
         default="wall",
@@ -191,6 +221,8 @@ def main() -> None:
     torch.set_num_threads(a.threads)
     res = {"load_before": os.getloadavg(), "threads": a.threads, "repeats": a.repeats, "clock": a.clock}
     res["sizes"] = [measure(a.quick, b, a.repeats, a.breakdown) for b in a.batch]
+    if a.solve:
+        res["solves"] = [solves(a.quick, b, max(3, a.repeats // 2), a.solve) for b in a.batch]
     res["load_after"] = os.getloadavg()
     print(json.dumps(res, indent=1))
     print(
