@@ -51,6 +51,7 @@ class Anchor:
         with torch.no_grad():
             self.theta0 = [p.detach().clone() for p in self.params]
         self._outs = [p.detach() for p in self.params]  # views sharing each parameter's version counter
+        self._dtypes = {t.dtype for t in self.theta0}
         self.key = _key(self.params)
         self.written = False
 
@@ -69,7 +70,7 @@ class Anchor:
         """``params <- fl(theta0 + h v)`` (``h`` a normal power of two in each parameter's dtype)."""
         if self.written:
             raise RuntimeError("Anchor.perturb_: the parameters are perturbed already; restore_ first")
-        for dt in {t.dtype for t in self.theta0}:
+        for dt in self._dtypes:
             check_step(h, dt)
         self.written = True
         for out, t0, vi in zip(self._outs, self.theta0, v):

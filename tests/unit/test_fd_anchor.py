@@ -239,3 +239,23 @@ def test_anchor_memory_is_one_parameter_vector_counted():
     assert peaks["auto"] - peaks["subtract"] == pytest.approx(4 * n, rel=0.03), (peaks, 4 * n)
     recompute = measurement_memory(n, mode="fd", param_bytes=4, precondition=False)
     assert est["auto"].total_bytes < recompute.total_bytes  # 3 vectors, under the fallback's 4
+
+
+def test_anchor_refuses_a_step_that_is_not_a_power_of_two_before_writing():
+    from lrscale_megatron.curvature.anchor import Anchor
+
+    model = _Odd()
+    params = list(model.parameters())
+    before = _bits(params)
+    anchor = Anchor(params)
+    v = [torch.randn(p.shape, dtype=torch.float32) for p in params]
+    with pytest.raises(ValueError, match="not a normal power of two"):
+        anchor.perturb_(v, 0.3)
+    assert all(torch.equal(x, y) for x, y in zip(_bits(params), before))
+    anchor.restore_()
+    anchor.perturb_(v, 2.0**-3)
+    with pytest.raises(RuntimeError, match="restore_ first"):
+        anchor.perturb_(v, 2.0**-3)
+    assert not anchor.matches(params)  # perturbed: never taken for a fresh anchor's state
+    anchor.restore_()
+    assert anchor.matches(params) and all(torch.equal(x, y) for x, y in zip(_bits(params), before))
