@@ -37,7 +37,7 @@ import functools
 import logging
 import math
 from collections.abc import Callable, Sequence
-from typing import Literal
+from typing import Literal, TypeVar, cast
 
 import numpy as np
 
@@ -96,7 +96,10 @@ def _host_basis(be: object, basis: str, n_vectors: int) -> tuple[OffDeviceBasis 
     return hb, why
 
 
-def _solve_scoped(solver: Callable[..., EigenResult]) -> Callable[..., EigenResult]:
+_Solver = TypeVar("_Solver", bound=Callable[..., EigenResult])
+
+
+def _solve_scoped(solver: _Solver) -> _Solver:
     """What a solve lends its operator (the fd anchor: ``op.allow_anchor()``, :mod:`.anchor`) is taken
     back when the solve ends, also on an exception: a copy of the parameters must never outlive the solve
     it was taken for (after an optimizer step, writing it back would revert training)."""
@@ -110,7 +113,7 @@ def _solve_scoped(solver: Callable[..., EigenResult]) -> Callable[..., EigenResu
             if drop is not None:
                 drop()
 
-    return solve
+    return cast(_Solver, solve)
 
 
 def _probe(
