@@ -364,7 +364,10 @@ class HessianOperator:
         if self.mode == "exact":
             return products.hvp_exact(self, v)
         if self.mode == "fd":
-            return products.hvp_fd(self, v)
+            from lrscale_megatron.curvature.autocast_guard import refuse_low_precision_autocast
+
+            with refuse_low_precision_autocast():  # the step would round away in bf16/fp16 matmuls
+                return products.hvp_fd(self, v)
         return products.hvp_jvp(self, v)
 
     __call__ = matvec
