@@ -63,9 +63,12 @@ def compare(label, make_op, ref, seeds, rel=1e-2, max_iter=60):
             r = lanczos(op, k=1, max_iter=25, tol=0.0, seed=s, v0=v0)
             oracle.append(_oracle(r.history, ref, rel))
         rows.append((start, fewest, oracle, wrong))
-    out = [f"#### {label} (reference lambda_max {ref:.6g})", "",
-           "| start | products to 1 % (fewest over tol, per seed) | tol chosen | oracle iterations to 1 % | converged outside 3 tol |",
-           "|---|---|---|---|---|"]
+    out = [
+        f"#### {label} (reference lambda_max {ref:.6g})",
+        "",
+        "| start | products to 1 % (fewest over tol, per seed) | tol chosen | oracle iterations to 1 % | converged outside 3 tol |",
+        "|---|---|---|---|---|",
+    ]
     for start, fewest, oracle, wrong in rows:
         out.append(
             f"| {start} | {', '.join('-' if b is None else str(b[0]) for b in fewest)} | "
@@ -90,16 +93,23 @@ def _precond_problem():
     b = cvp.byte_batch(4, cfg.seq_length, seed=0)
     batch = {"tokens": b["tokens"], "labels": b["labels"]}
     ref = lanczos(
-        PreconditionedOperator.from_optimizer(HessianOperator(m, cvp.torch_gpt_loss, batch, mode="exact"), opt),
-        k=1, max_iter=200, tol=1e-10, seed=12345,
+        PreconditionedOperator.from_optimizer(
+            HessianOperator(m, cvp.torch_gpt_loss, batch, mode="exact"), opt
+        ),
+        k=1,
+        max_iter=200,
+        tol=1e-10,
+        seed=12345,
     ).eigenvalues[0]
     m32 = cvp.TorchGPT(cfg)
     m32.load_state_dict({k: v.float() for k, v in m.state_dict().items()})
     opt32 = torch.optim.AdamW(m32.parameters(), lr=3e-3)
     for p32, p in zip(m32.parameters(), m.parameters()):  # the same second moments, in float32
         st = opt.state[p]
-        opt32.state[p32] = {k: (v.float() if torch.is_tensor(v) and v.is_floating_point() and v.dim() else v)
-                            for k, v in st.items()}
+        opt32.state[p32] = {
+            k: (v.float() if torch.is_tensor(v) and v.is_floating_point() and v.dim() else v)
+            for k, v in st.items()
+        }
 
     def make():
         op = HessianOperator(m32, cvp.torch_gpt_loss, batch, mode="fd")
@@ -131,7 +141,10 @@ def main():
         elif name.startswith("gpt1m"):
             p = cvp.gpt1m_problem(False, int(name[5:]))
             print(compare(p.label, lambda p=p: cvp.op_for(p, "fd"), p.ref[0], seeds))
-        print(f"(done {name} {time.strftime('%H:%M:%S', time.gmtime())} UTC, load {os.getloadavg()})", flush=True)
+        print(
+            f"(done {name} {time.strftime('%H:%M:%S', time.gmtime())} UTC, load {os.getloadavg()})",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

@@ -222,4 +222,3 @@ class HostBasis:
             if empty is not None:
                 torch.cuda.synchronize(self.be.device)
                 empty()
-

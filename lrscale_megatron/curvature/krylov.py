@@ -59,7 +59,7 @@ SYMMETRY_SEED_OFFSET = 7919
 def start_vector(backend: VectorSpace, seed: int, v0: Vector | None) -> tuple[Vector | None, str | None]:
     """Unit start vector (``v0`` or ``backend.randn(seed)``), or ``(None, reason)`` if it is not finite."""
     fresh = v0 is None
-    if fresh:
+    if v0 is None:
         v = backend.randn(seed)
         what = f"random start vector (seed={seed})"
     else:

@@ -119,8 +119,14 @@ def test_measure_lambda_max_cold_fd_start_matches_the_dense_reference(preconditi
         ref_mat = s[:, None] * a * s[None, :]
     ref = float(np.linalg.eigvalsh(ref_mat)[-1])
     est = measure_lambda_max(
-        model, _quad_loss(a, rng.standard_normal(n)), None, mode="fd", max_iter=40, tol=1e-6,
-        parallel=ParallelContext.single(), **kw,
+        model,
+        _quad_loss(a, rng.standard_normal(n)),
+        None,
+        mode="fd",
+        max_iter=40,
+        tol=1e-6,
+        parallel=ParallelContext.single(),
+        **kw,
     )
     assert est.converged, est.reason
     assert est.lambda_max == pytest.approx(ref, rel=1e-5)
