@@ -15,6 +15,7 @@ after 30 AdamW steps, Adam-preconditioned: the start is ``P^-1/2 g``).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import os
 import sys
@@ -119,6 +120,66 @@ def _precond_problem():
     return make, ref
 
 
+def megatron_tiny(seeds, steps=300):
+    """megatron-core GPTModel preset ``tiny`` (init_megatron(1, 1)), ``steps`` AdamW steps (lr 1e-3) on
+    Shakespeare bytes, then ``measure_lambda_max`` as the online default measures (fd, preconditioned,
+    ``OnlineConfig()`` tol and max_iter) from the gradient start (adopted) and from a random start;
+    reference: exact-mode preconditioned Lanczos, tol 1e-8 (float32: the model has no float64 path)."""
+    from unittest import mock
+
+    from lrscale_megatron.adapter import OnlineConfig
+    from lrscale_megatron.curvature import start as st
+    from lrscale_megatron.launch import init_megatron, shutdown
+    from lrscale_megatron.measurement import measure_lambda_max
+    from lrscale_megatron.models.gpt import build_gpt, get_preset, gpt_loss_fn
+    from lrscale_megatron.models.text import byte_batch
+
+    oc = OnlineConfig()
+    preset = get_preset("tiny")
+    ctx = init_megatron(1, 1, seed=0)
+    try:
+        model = build_gpt(preset, ctx, dtype=torch.float32, seed=0)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        for i in range(steps):
+            loss = gpt_loss_fn(model, byte_batch(preset.micro_batch_size, preset.seq_length, seed=1 + i))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        opt.zero_grad(set_to_none=True)
+        held = byte_batch(preset.micro_batch_size, preset.seq_length, seed=10**6)
+        kw = dict(parallel=ctx, optimizer=opt)
+        ref = measure_lambda_max(model, gpt_loss_fn, held, mode="exact", max_iter=200, tol=1e-8, **kw)
+        assert ref.converged, ref.reason
+        out = [
+            f"#### megatron-core tiny GPT, {steps} AdamW steps, preconditioned fd, OnlineConfig() "
+            f"tol {oc.tol:g} max_iter {oc.max_iter} (reference {ref.lambda_max:.6g}, exact tol 1e-8)",
+            "",
+            "| start | products per seed | rel err per seed | converged |",
+            "|---|---|---|---|",
+        ]
+        for start in ("random", "gradient"):
+            res = []
+            for s in seeds:
+                patch = (
+                    mock.patch.object(st, "gradient_start", lambda op, seed: (None, "off"))
+                    if start == "random"
+                    else contextlib.nullcontext()
+                )
+                with patch:
+                    e = measure_lambda_max(
+                        model, gpt_loss_fn, held, mode="fd", max_iter=oc.max_iter, tol=oc.tol, seed=s, **kw
+                    )
+                res.append(e)
+            out.append(
+                f"| {start} | {', '.join(str(e.n_matvec) for e in res)} | "
+                f"{', '.join(f'{abs(e.lambda_max - ref.lambda_max) / ref.lambda_max:.1e}' for e in res)} | "
+                f"{', '.join('yes' if e.converged else 'NO' for e in res)} |"
+            )
+        return "\n".join(out)
+    finally:
+        shutdown()
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--threads", type=int, default=1)
@@ -138,6 +199,8 @@ def main():
         elif name == "precond":
             make, ref = _precond_problem()
             print(compare("preconditioned small gpt1m shape (30 AdamW steps), fd", make, ref, seeds))
+        elif name == "megatron":
+            print(megatron_tiny(seeds))
         elif name.startswith("gpt1m"):
             p = cvp.gpt1m_problem(False, int(name[5:]))
             print(compare(p.label, lambda p=p: cvp.op_for(p, "fd"), p.ref[0], seeds))
