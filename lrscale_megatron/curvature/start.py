@@ -49,11 +49,14 @@ def gradient_start(op: Any, seed: int) -> tuple[Vector | None, str]:
     if g is None:
         return None, "the operator has no base gradient (not fd with fd_scheme='forward')"
     be = op.backend
-    gn = be.norm(g)
+    # the two norms only weigh the halves (lanczos normalises the sum exactly): the dtype's accuracy is
+    # plenty, and a fused float32 norm is ~10x cheaper than the float64 inner product (0.2 vs 2 ms, 834k)
+    norm = getattr(be, "norm_estimate", be.norm)
+    gn = norm(g)
     if not (math.isfinite(gn) and gn > 0.0):
         return None, f"gradient norm {gn} is not a positive finite number"
     r = be.randn(seed)
-    rn = be.norm(r)
+    rn = norm(r)
     if not (math.isfinite(rn) and rn > 0.0):
         return None, f"random vector norm {rn} is not a positive finite number"
     return be.axpy_(1.0 / gn, g, be.scale_(1.0 / rn, r)), "gradient + random"
