@@ -235,6 +235,8 @@ def lanczos(
         hb, _ = _host_basis(be, kept, max_iter)
         kept = "host" if hb is not None else "recompute"
     keep = kept == "keep"
+    if kept != "recompute":
+        v0 = None  # only the second pass regenerates the start vector: do not keep it alive
     stored: list[Vector] = [q] if keep else []
     if hb is not None:
         hb.append(q)
