@@ -342,10 +342,16 @@ class WallRow:
     ph: tuple[float, int, float, float] | None
 
 
+#: the clock of every timing: ``time.perf_counter`` (wall) or, with ``--clock thread``,
+#: ``time.thread_time`` (this thread's CPU time: with one torch thread every kernel runs on the calling
+#: thread, and time descheduled by other jobs on a shared machine is not counted)
+CLOCK: Callable[[], float] = time.perf_counter
+
+
 def _timed(fn: Callable[[], Any]) -> tuple[float, Any]:
-    t0 = time.perf_counter()
+    t0 = CLOCK()
     out = fn()
-    return time.perf_counter() - t0, out
+    return CLOCK() - t0, out
 
 
 def wall(p: Problem, repeats: int, quick: bool) -> WallRow:
@@ -620,12 +626,28 @@ def main() -> None:
         default=[30],
         help="(c): AdamW steps before the Hessian is taken, one problem each (e.g. 30 300: the harder one)",
     )
+    ap.add_argument(
+        "--clock",
+        choices=("wall", "thread"),
+        default="wall",
+        help="wall: perf_counter; thread: this thread's CPU time (use with --threads 1 on a loaded machine)",
+    )
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    global CLOCK
+    if args.clock == "thread":
+        if args.threads != 1:
+            raise SystemExit(
+                "--clock thread needs --threads 1 (other threads' CPU time would not be counted)"
+            )
+        CLOCK = time.thread_time
     if args.gpt1m:
         t0 = time.perf_counter()
         for steps in args.gpt1m_steps:
-            print(f"(start {time.strftime('%H:%M:%S', time.gmtime())} UTC, load {os.getloadavg()})")
+            print(
+                f"(start {time.strftime('%H:%M:%S', time.gmtime())} UTC, load {os.getloadavg()}, "
+                f"clock {args.clock})"
+            )
             print(wall_1m(gpt1m_problem(args.quick, steps), 1 if args.quick else args.repeats, args.rel))
             print(f"(end {time.strftime('%H:%M:%S', time.gmtime())} UTC, load {os.getloadavg()})\n")
         print(
