@@ -235,8 +235,6 @@ def lanczos(
         hb, _ = _host_basis(be, kept, max_iter)
         kept = "host" if hb is not None else "recompute"
     keep = kept == "keep"
-    if kept != "recompute":
-        v0 = None  # only the second pass regenerates the start vector: do not keep it alive
     stored: list[Vector] = [q] if keep else []
     if hb is not None:
         hb.append(q)
@@ -255,6 +253,8 @@ def lanczos(
     best_vals: tuple[float, ...] = ()
     best_res: tuple[float, ...] = ()
     best_s: np.ndarray | None = None
+    if kept != "recompute":
+        v0 = None  # only the second pass regenerates the start vector: do not keep it alive
 
     for it in range(1, max_iter + 1):
         j_prev = it - 2

@@ -130,3 +130,32 @@ def test_measure_lambda_max_cold_fd_start_matches_the_dense_reference(preconditi
     )
     assert est.converged, est.reason
     assert est.lambda_max == pytest.approx(ref, rel=1e-5)
+
+
+@pytest.mark.parametrize("basis,alive", [("host", False), ("keep", False), ("recompute", True)])
+def test_the_start_vector_is_not_kept_alive_during_the_solve(basis, alive):
+    """measure_lambda_max makes v0 inside the lanczos call; lanczos drops it once normalised unless its
+    second pass regenerates from it (then it stays: one vector more, as documented)."""
+    import weakref
+
+    a, q = _spectrum(60, seed=4)
+    op = GradOperator(a, q[:, 3])
+    ref: list[weakref.ref] = []
+
+    def make() -> list[torch.Tensor]:
+        v0 = gradient_start(op, 0)[0]
+        ref.append(weakref.ref(v0[0]))
+        return v0
+
+    seen: list[bool] = []
+    res = lanczos(
+        op,
+        k=1,
+        max_iter=40,
+        tol=1e-8,
+        v0=make(),
+        basis=basis,
+        callback=lambda i, t: seen.append(ref[0]() is not None),
+    )
+    assert res.converged and res.eigenvalues[0] == pytest.approx(10.0, rel=1e-7)
+    assert seen and all(s == alive for s in seen)
