@@ -342,10 +342,16 @@ class WallRow:
     ph: tuple[float, int, float, float] | None
 
 
+#: the clock of every timing: ``time.perf_counter`` (wall) or, with ``--clock thread``,
+#: ``time.thread_time`` (this thread's CPU time: with one torch thread every kernel runs on the calling
+#: thread, and time descheduled by other jobs on a shared machine is not counted)
+CLOCK: Callable[[], float] = time.perf_counter
+
+
 def _timed(fn: Callable[[], Any]) -> tuple[float, Any]:
-    t0 = time.perf_counter()
+    t0 = CLOCK()
     out = fn()
-    return time.perf_counter() - t0, out
+    return CLOCK() - t0, out
 
 
 def wall(p: Problem, repeats: int, quick: bool) -> WallRow:
@@ -434,16 +440,29 @@ def gpt1m_problem(quick: bool, steps: int = 30) -> Problem:
     )
 
 
+def _solve_1m(p: Problem, mode: str, tol: float, basis: str) -> Any:
+    """One timed solve from operator construction; ``fd-grad``: the fd operator started from
+    ``g/||g|| + r/||r||`` (``curvature/start.py``, what ``measure_lambda_max`` does on a cold start; the
+    base gradient it reads is the one the first product reuses)."""
+    from lrscale_megatron.curvature.start import gradient_start
+
+    op = op_for(p, "fd-forward" if mode == "fd-grad" else mode)
+    v0 = gradient_start(op, 0)[0] if mode == "fd-grad" else None
+    return lanczos(op, k=1, max_iter=60, tol=tol, seed=0, basis=basis, v0=v0)  # type: ignore[arg-type]
+
+
 def wall_1m(p: Problem, repeats: int, rel: float) -> str:
     """Wall time to lambda_max within ``rel``: each method's fewest-products accurate tol (as in (b)),
     then timed interleaved, min of ``repeats``. lrscale modes: ``exact`` and ``fd`` with the default
     k=1 path (``basis="auto"``: the basis in host memory when it fits, as here; 1 check product),
     ``fd recompute`` (no stored basis: second pass + 2 check products, the fallback) and ``fd keep``
-    (``basis="keep"``: full reorthogonalisation on the device, 1 check product)."""
+    (``basis="keep"``: full reorthogonalisation on the device, 1 check product); ``fd, gradient start``:
+    the default fd path from the gradient-informed cold start of ``measure_lambda_max``."""
     ref = p.ref[0]
     modes = {
         "exact": ("exact", "auto"),
         "fd": ("fd-forward", "auto"),
+        "fd, gradient start": ("fd-grad", "auto"),
         "fd recompute": ("fd-forward", "recompute"),
         "fd keep": ("fd-forward", "keep"),
     }
@@ -451,7 +470,7 @@ def wall_1m(p: Problem, repeats: int, rel: float) -> str:
     for name, (mode, basis) in modes.items():
         best = None
         for tol in (1e-1, 3e-2, 1e-2, 3e-3, 1e-3):
-            r = lanczos(op_for(p, mode), k=1, max_iter=60, tol=tol, seed=0, basis=basis)  # type: ignore[arg-type]
+            r = _solve_1m(p, mode, tol, basis)
             if rel_err(r.eigenvalues[0], ref) <= rel and (best is None or r.n_matvec < best[1]):
                 best = (tol, r.n_matvec)
         if best is not None:
@@ -465,7 +484,7 @@ def wall_1m(p: Problem, repeats: int, rel: float) -> str:
     for _ in range(repeats):
         for name, tol in chosen.items():
             mode, basis = modes[name]
-            sec, r = _timed(lambda: lanczos(op_for(p, mode), k=1, max_iter=60, tol=tol, seed=0, basis=basis))  # type: ignore[arg-type]  # noqa: B023
+            sec, r = _timed(lambda: _solve_1m(p, mode, tol, basis))  # noqa: B023
             if name not in res or sec < res[name][2]:
                 res[name] = (tol, r.n_matvec, sec, rel_err(r.eigenvalues[0], ref), r.converged)
         if ph_best is not None:
@@ -607,12 +626,28 @@ def main() -> None:
         default=[30],
         help="(c): AdamW steps before the Hessian is taken, one problem each (e.g. 30 300: the harder one)",
     )
+    ap.add_argument(
+        "--clock",
+        choices=("wall", "thread"),
+        default="wall",
+        help="wall: perf_counter; thread: this thread's CPU time (use with --threads 1 on a loaded machine)",
+    )
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    global CLOCK
+    if args.clock == "thread":
+        if args.threads != 1:
+            raise SystemExit(
+                "--clock thread needs --threads 1 (other threads' CPU time would not be counted)"
+            )
+        CLOCK = time.thread_time
     if args.gpt1m:
         t0 = time.perf_counter()
         for steps in args.gpt1m_steps:
-            print(f"(start {time.strftime('%H:%M:%S', time.gmtime())} UTC, load {os.getloadavg()})")
+            print(
+                f"(start {time.strftime('%H:%M:%S', time.gmtime())} UTC, load {os.getloadavg()}, "
+                f"clock {args.clock})"
+            )
             print(wall_1m(gpt1m_problem(args.quick, steps), 1 if args.quick else args.repeats, args.rel))
             print(f"(end {time.strftime('%H:%M:%S', time.gmtime())} UTC, load {os.getloadavg()})\n")
         print(

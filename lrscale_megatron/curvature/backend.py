@@ -206,9 +206,16 @@ class VectorBackend:
         """True when every entry of every shard on every model-parallel rank is finite."""
         bad = torch.zeros((), dtype=torch.float64, device=self.device)
         xs = [xi for xi in x if xi.numel() > 0]
-        if xs:  # max |x_i| per tensor (NaN and Inf propagate): no full-size temporary, one sync
-            amax = torch.stack(torch._foreach_norm(xs, float("inf")))
-            bad += (~torch.isfinite(amax)).sum().to(torch.float64)
+        if xs:  # per-tensor norms (NaN and Inf propagate): no full-size temporary, one sync
+            # The 2-norm first (~14x cheaper than the infinity norm on CPU: 0.2 vs 3 ms on 834k floats): a
+            # finite 2-norm proves every entry finite (a square is never negative, so an Inf cannot cancel);
+            # only a tensor whose 2-norm is not finite (a NaN/Inf, or finite entries whose squares overflow)
+            # is looked at again with the infinity norm, which decides.
+            nrm = torch.stack(torch._foreach_norm(xs))
+            suspect = (~torch.isfinite(nrm)).nonzero().flatten().tolist()
+            if suspect:
+                amax = torch.stack(torch._foreach_norm([xs[i] for i in suspect], float("inf")))
+                bad += (~torch.isfinite(amax)).sum().to(torch.float64)
         if self._all_reduce is not None:
             self._all_reduce(bad)
         return float(bad.item()) == 0.0
@@ -220,11 +227,15 @@ class VectorBackend:
         return g
 
     def randn(self, seed: int) -> Vector:
-        """Gaussian vector, identical on every rank holding the same shard (see module docstring)."""
+        """Gaussian vector, identical on every rank holding the same shard (see module docstring).
+
+        Drawn in the vector dtype (float32 normals for float32 vectors: ~4x cheaper than drawing float64
+        and rounding, 6 vs 23 ms on 834k parameters), so a float32 and a float64 backend draw different
+        numbers for the same seed; every layout of one dtype draws the same vector."""
         out = []
         for s in self.specs:
-            full = torch.randn(s.full_shape, generator=self._generator(seed, s.name), dtype=torch.float64)
-            out.append(s.shard(full).to(dtype=self.dtype, device=self.device))
+            full = torch.randn(s.full_shape, generator=self._generator(seed, s.name), dtype=self.dtype)
+            out.append(s.shard(full).to(device=self.device))
         return out
 
     def rademacher(self, seed: int) -> Vector:

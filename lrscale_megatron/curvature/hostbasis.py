@@ -187,16 +187,28 @@ class HostBasis:
         return out
 
     def dots(self, xs: Sequence[Vector], rows: int | None = None) -> list[list[float]]:
-        """``[[q_j . x for x in xs] for j < rows]`` (global inner products, one all-reduce)."""
-        from lrscale_megatron.curvature.backend import _chunked_dot
+        """``[[q_j . x for x in xs] for j < rows]`` (global inner products, one all-reduce).
+
+        One pass: for every slice of :data:`~lrscale_megatron.curvature.backend.DOT_CHUNK` elements of a
+        parameter, the rows' parts cross to the device once, and rows and ``xs`` are converted to
+        float64 once each, ``acc += Q_slice X_slice^T`` (float64 products of float32 entries are exact):
+        ``m + len(xs)`` conversions per slice instead of ``2 m len(xs)``, and ~70 slices instead of
+        ``m`` x 52 per-tensor calls on the 834k GPT (float64 temporaries: ``m + len(xs)`` slices)."""
+        from lrscale_megatron.curvature.backend import DOT_CHUNK
 
         m = len(self.rows) if rows is None else rows
-        acc = torch.zeros((m, len(xs)), dtype=torch.float64, device=self.be.device)
-        owned = [i for i, spec in enumerate(self.be.specs) if spec.owned]
-        for j in range(m):
-            for parts, c in self._chunks(j, xs, owned):  # each chunk of q_j crosses to the device once
-                for k, part in enumerate(parts):
-                    acc[j, k] += _chunked_dot(c, part)
+        dev = self.be.device
+        acc = torch.zeros((m, len(xs)), dtype=torch.float64, device=dev)
+        if m and xs:
+            views = [[h.reshape(-1) for _, h in self._views(self.rows[j])] for j in range(m)]
+            for i, spec in enumerate(self.be.specs):
+                if not spec.owned:
+                    continue
+                flats = [x[i].reshape(-1) for x in xs]  # (a copy only where x[i] is not contiguous)
+                for a in range(0, self.sizes[i], DOT_CHUNK):
+                    sl = slice(a, min(a + DOT_CHUNK, self.sizes[i]))
+                    qs = torch.stack([v[i][sl] for v in views[:m]]).to(dev, torch.float64, non_blocking=True)
+                    acc += qs @ torch.stack([f[sl] for f in flats]).to(torch.float64).T
         if self.be._all_reduce is not None:
             self.be._all_reduce(acc)
         return acc.tolist()

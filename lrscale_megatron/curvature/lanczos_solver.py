@@ -279,6 +279,8 @@ def lanczos(
     best_vals: tuple[float, ...] = ()
     best_res: tuple[float, ...] = ()
     best_s: np.ndarray | None = None
+    if kept != "recompute":
+        v0 = None  # only the second pass regenerates the start vector: do not keep it alive
 
     for it in range(1, max_iter + 1):
         j_prev = it - 2

@@ -372,6 +372,18 @@ class HessianOperator:
 
     __call__ = matvec
 
+    def base_gradient(self) -> Vector | None:
+        """The gradient at the parameters that the forward-difference product subtracts (the cached fd
+        base gradient, computed now if not yet: the first product then reuses it), or ``None`` when this
+        operator has none (``mode`` other than ``"fd"``, or ``fd_scheme="central"``). Do not modify it."""
+        if self.mode != "fd" or self.fd_scheme != "forward":
+            return None
+        if self._base is None or self._base_version != self._params_version():
+            self._base = None
+            self._base = self.loss_and_grad()
+            self._base_version = self._params_version()
+        return self._base[1]
+
     def release(self) -> None:
         """Free what the operator caches (the first gradient's graph, the fd base gradient, the fd anchor)."""
         self._graph = None
