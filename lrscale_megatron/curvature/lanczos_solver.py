@@ -99,6 +99,18 @@ def _host_basis(be: object, basis: str, n_vectors: int) -> tuple[OffDeviceBasis 
 _Solver = TypeVar("_Solver", bound=Callable[..., EigenResult])
 
 
+class _Handoff:
+    """A start vector passed through :func:`_solve_scoped`'s frame, which keeps its arguments for the
+    whole solve: the solver takes the vector out, so once it has normalised it, nothing holds it (one
+    device vector less for the host and kept bases)."""
+
+    def __init__(self, v: Vector | None) -> None:
+        self._v = [v]
+
+    def take(self) -> Vector | None:
+        return self._v.pop() if self._v else None
+
+
 def _solve_scoped(solver: _Solver) -> _Solver:
     """What a solve lends its operator (the fd anchor: ``op.allow_anchor()``, :mod:`.anchor`) is taken
     back when the solve ends, also on an exception: a copy of the parameters must never outlive the solve
@@ -106,6 +118,8 @@ def _solve_scoped(solver: _Solver) -> _Solver:
 
     @functools.wraps(solver)
     def solve(op: LinearOperator, *args, **kwargs) -> EigenResult:
+        if "v0" in kwargs:  # this frame must not keep the start vector alive during the solve
+            kwargs["v0"] = _Handoff(kwargs["v0"])
         try:
             return solver(op, *args, **kwargs)
         finally:
@@ -248,6 +262,8 @@ def lanczos(
         )
     max_iter = min(max_iter, n)
 
+    if isinstance(v0, _Handoff):
+        v0 = v0.take()
     q, failure = kr.start_vector(be, seed, v0)
     if q is None:
         logger.warning("lanczos: %s; nothing computed", failure)
