@@ -23,8 +23,8 @@ same) and whose backward-of-backward is written out in closed form with few pass
   ``xh' = rstd (a - mean(a) - xh mean(a xh))``; ``d/dw = sum_rows dy xh'``; ``d/dx`` is the second
   derivative through ``xh`` and ``rstd`` (derivation in the function's comments).
 
-Anything else (tensor subclasses, ``approximate="tanh"``, a softmax ``dtype``, no grad mode, inside a
-custom Function's forward) goes to PyTorch unchanged. Third derivatives are not provided (the inner
+Anything else (tensor subclasses, ``approximate="tanh"``, a softmax ``dtype``, no grad mode, autocast,
+inside a custom Function's forward) goes to PyTorch unchanged. Third derivatives are not provided (the inner
 backwards are ``once_differentiable``); exact products need second derivatives only. Checked against
 PyTorch's own double backward in float64 (``tests/unit/test_doublegrad.py``) and by every exact-mode
 test against dense ``eigvalsh``.
@@ -252,11 +252,17 @@ _ROUTES: dict[Any, Callable[..., Any]] = {
 }
 
 
+def _autocast() -> bool:
+    # under autocast PyTorch runs softmax / layer_norm in float32 (its cast lists); the routes call the
+    # ATen kernels directly and would not, so they stand aside
+    return torch.is_autocast_enabled("cpu") or torch.is_autocast_enabled("cuda")
+
+
 class _Mode(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         route = _ROUTES.get(func)
-        if route is not None and torch.is_grad_enabled():
+        if route is not None and torch.is_grad_enabled() and not _autocast():
             out = route(*args, **kwargs)
             if out is not NotImplemented:
                 return out

@@ -107,6 +107,11 @@ def test_other_calls_go_to_pytorch_unchanged():
     assert type(tanh_gelu.grad_fn).__name__ == "GeluBackward0"
     assert type(typed.grad_fn).__name__ == "SoftmaxBackward0"
     assert plain.grad_fn is None
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast's cast lists decide dtypes: no route
+        with cheap_double_backward(True):
+            cast = torch.softmax(F.layer_norm(x, (6,)), -1)
+        stock = torch.softmax(F.layer_norm(x, (6,)), -1)
+    assert cast.dtype == stock.dtype and not {"_LayerNormBackward", "_SoftmaxBackward"} & _names(cast)
     with cheap_double_backward(False):
         assert type(F.gelu(x).grad_fn).__name__ == "GeluBackward0"
 
