@@ -14,6 +14,7 @@ import torch
 
 from lrscale_megatron.curvature.autodiff import refuse_untracked_backward, second_backward
 from lrscale_megatron.curvature.backend import Vector
+from lrscale_megatron.curvature.doublegrad import cheap_double_backward
 from lrscale_megatron.curvature.evaluation import substituted, upcast_rest
 from lrscale_megatron.curvature.perturb import perturb_, power_of_two, restore_
 
@@ -62,7 +63,8 @@ def hvp_exact(op: HessianOperator, v: Vector) -> Vector:
 
                 loss, hv = pipeline_hvp(op.parallel, op._stage_fn, mb, wrt, vp)
             else:
-                out = op._stage_fn(mb, None)
+                with cheap_double_backward():
+                    out = op._stage_fn(mb, None)
                 loss = float(out.detach())
                 g = _first_grads(op, out, wrt)
                 hv = _second(op, g, wrt, vp, retain=False)
@@ -84,7 +86,8 @@ def _exact_graph(op: HessianOperator):
         per_mb = []
         with op._evaluation(leaves):
             for mb in op.microbatches:
-                out = op._stage_fn(mb, None)
+                with cheap_double_backward():  # the same loss and gradient, a cheaper second backward
+                    out = op._stage_fn(mb, None)
                 per_mb.append((float(out.detach()), _first_grads(op, out, wrt)))
                 del out
         op.n_grad += 1

@@ -1,0 +1,180 @@
+"""Cost of one exact Hessian-vector product relative to one forward + backward, and of its alternatives.
+
+One process, CPU (no GPU needed)::
+
+    python benchmarks/exact_cost.py --clock thread                 # B = 4, 16, 32 (256, 1024, 2048 tokens)
+    python benchmarks/exact_cost.py --batch 32 --repeats 15 --clock thread
+    python benchmarks/exact_cost.py --quick                        # tiny model, smoke run
+    python benchmarks/exact_cost.py --profile --batch 4 32         # also a per-op table of one product
+
+Model: TorchGPT V=256, S=64, H=128, L=4 (834,304 float32 parameters; the model of
+``benchmarks/fd_cost.py`` and ``benchmarks/curvature_memory.py``), one micro-batch of ``B x 64`` tokens.
+Timed **interleaved** in this process, ``--repeats`` rounds, each operator on its own model copy, on one
+unit vector:
+
+* ``fwd+bwd``: ``torch.autograd.grad`` of the loss (the reference);
+* ``exact``: the default exact product (first-gradient graph reused, the cheaper double backward of
+  :mod:`lrscale_megatron.curvature.doublegrad`);
+* ``exact stock``: the same with PyTorch's own double-backward formulas (``doublegrad.ENABLED = False``
+  while that operator builds its graph): the "before";
+* ``exact fresh``: ``reuse_graph=False`` (forward + create-graph backward + double backward per product);
+* ``jvp``: forward-over-reverse, ``torch.func.jvp(grad(L))`` (``mode="jvp"``).
+
+Reported: median and min of each ratio to fwd+bwd, the median of the per-round ratio exact / exact stock
+(paired in the same round, so load swings cancel), and how far each product is from the default exact
+product (max relative difference, float32). ``--profile`` prints torch.profiler op counts and self times
+per op type for one fwd+bwd, one stock and one default exact product. The script asserts that no reused
+graph is re-taken.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import statistics
+import sys
+import time
+from collections import defaultdict
+
+import torch
+
+from lrscale_megatron.curvature import HessianOperator, doublegrad
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from fd_cost import build, loss_fn  # noqa: E402  (the same model and loss)
+
+CLOCK = [time.perf_counter]
+OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::mul", "aten::add", "aten::add_", "aten::sum")
+
+
+def _ops(fn, n: int = 3) -> dict[str, tuple[float, float]]:
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as p:
+        for _ in range(n):
+            fn()
+    return {e.key: (e.count / n, e.self_cpu_time_total / n / 1000) for e in p.key_averages()}
+
+
+def _stock(fn):
+    def inner():
+        old = doublegrad.ENABLED
+        doublegrad.ENABLED = False
+        try:
+            return fn()
+        finally:
+            doublegrad.ENABLED = old
+
+    return inner
+
+
+def measure(quick: bool, bsz: int, repeats: int, profile: bool) -> dict:
+    model, batch = build(quick, bsz)
+    params = list(model.parameters())
+    ex = HessianOperator(copy.deepcopy(model), loss_fn, batch, mode="exact")
+    st = HessianOperator(copy.deepcopy(model), loss_fn, batch, mode="exact")
+    fr = HessianOperator(copy.deepcopy(model), loss_fn, batch, mode="exact", reuse_graph=False)
+    jv = HessianOperator(copy.deepcopy(model), loss_fn, batch, mode="jvp")
+    v = ex.backend.randn(0)
+    nv = ex.backend.norm(v)
+    v = [x / nv for x in v]
+    fns = {
+        "fwd+bwd": lambda: torch.autograd.grad(loss_fn(model, batch), params),
+        "exact": lambda: ex.matvec(v),
+        "exact stock": _stock(lambda: st.matvec(v)),
+        "exact fresh": lambda: fr.matvec(v),
+        "jvp": lambda: jv.matvec(v),
+    }
+    ref = ex.matvec(v)  # builds the reused graph
+    diffs = {}
+    for name in ("exact stock", "exact fresh", "jvp"):
+        hv = fns[name]()
+        diffs[name] = max(float((a - b).abs().max()) for a, b in zip(hv, ref)) / max(
+            float(a.abs().max()) for a in ref
+        )
+    t: dict[str, list[float]] = defaultdict(list)
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            t0 = CLOCK[0]()
+            fn()
+            t[name].append(CLOCK[0]() - t0)
+    assert ex.n_grad == 1 and st.n_grad == 1, "a reused graph was re-taken"
+    med = {k: statistics.median(x) for k, x in t.items()}
+    low = {k: min(x) for k, x in t.items()}
+    others = [k for k in fns if k != "fwd+bwd"]
+    out: dict = {
+        "batch": bsz,
+        "tokens": bsz * batch["tokens"].shape[1],
+        "params": sum(p.numel() for p in params),
+        "median_ms": {k: 1000 * x for k, x in med.items()},
+        "min_ms": {k: 1000 * x for k, x in low.items()},
+        "ratio_median": {k: med[k] / med["fwd+bwd"] for k in others},
+        "ratio_min": {k: low[k] / low["fwd+bwd"] for k in others},
+        "max_rel_diff_to_exact": diffs,
+        # per-round exact / exact stock (the same round: load swings cancel), median
+        "exact_over_stock_paired": statistics.median(a / b for a, b in zip(t["exact"], t["exact stock"])),
+    }
+    if profile:
+        tables = {k: _ops(fns[k]) for k in ("fwd+bwd", "exact stock", "exact")}
+        keys = sorted(
+            set().union(*tables.values()),
+            key=lambda k: -max(tb.get(k, (0, 0))[1] for tb in tables.values()),
+        )
+        out["profile"] = {
+            k: {name: tables[name].get(k, (0, 0.0)) for name in tables}
+            for k in keys[:25]
+            if k.startswith("aten::") or k in OPS
+        }
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="tiny model (smoke run)")
+    ap.add_argument(
+        "--batch", type=int, nargs="+", default=[4, 16, 32], help="micro-batch sizes (x 64 tokens)"
+    )
+    ap.add_argument("--repeats", type=int, default=11)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--profile", action="store_true", help="also a per-op table (torch.profiler)")
+    ap.add_argument(
+        "--clock",
+        choices=("wall", "thread"),
+        default="wall",
+        help="wall time, or this thread's CPU time (needs --threads 1; robust to a loaded machine)",
+    )
+    a = ap.parse_args()
+    if a.clock == "thread":
+        if a.threads != 1:
+            raise SystemExit("--clock thread needs --threads 1 (other torch threads' time is not counted)")
+        CLOCK[0] = time.thread_time
+    torch.set_num_threads(a.threads)
+    res = {"load_before": os.getloadavg(), "threads": a.threads, "repeats": a.repeats, "clock": a.clock}
+    res["sizes"] = [measure(a.quick, b, a.repeats, a.profile) for b in a.batch]
+    res["load_after"] = os.getloadavg()
+    print(json.dumps(res, indent=1))
+    names = list(res["sizes"][0]["ratio_median"])
+    print(
+        "\n| tokens | fwd+bwd ms (median) | "
+        + " | ".join(f"{n} / fwd+bwd median (min)" for n in names)
+        + " | exact / stock (paired) |"
+    )
+    print("|---|---|" + "---|" * (len(names) + 1))
+    for r in res["sizes"]:
+        m, n = r["ratio_median"], r["ratio_min"]
+        cells = " | ".join(f"{m[k]:.3f} ({n[k]:.3f})" for k in names)
+        print(
+            f"| {r['tokens']} | {r['median_ms']['fwd+bwd']:.1f} | {cells} | {r['exact_over_stock_paired']:.3f} |"
+        )
+    if a.profile:
+        for r in res["sizes"]:
+            print(f"\nper-op (count, self ms) at {r['tokens']} tokens: fwd+bwd | exact stock | exact")
+            for k, row in r["profile"].items():
+                cells = " | ".join(f"{c:.0f}, {ms:.2f}" for c, ms in row.values())
+                print(f"| {k} | {cells} |")
+
+
+if __name__ == "__main__":
+    main()
