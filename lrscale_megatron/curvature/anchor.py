@@ -90,3 +90,46 @@ class Anchor:
         torch._foreach_copy_(self._outs, self.theta0)
         self.written = False
         self.key = _key(self.params)
+
+
+class AnchorLoan:
+    """The operator's side of the anchor's loan (mixed into
+    :class:`~lrscale_megatron.curvature.operators.HessianOperator`): a solver lends the room
+    (:meth:`allow_anchor`) and takes it back (:meth:`drop_anchor`); fd products ask :attr:`restore_mode`
+    and :meth:`_fd_anchor`. Needs ``mode``, ``fd_restore``, ``upcast`` and ``params`` on the operator."""
+
+    mode: str
+    fd_restore: str
+    upcast: bool
+    params: list[torch.Tensor]
+    _anchor_room: bool = False
+    _anchor: Anchor | None = None
+
+    @property
+    def restore_mode(self) -> str:
+        """How the next fd product puts float32/float64 parameters back: ``"anchor"``, ``"subtract"`` or
+        ``"copy"`` (``fd_restore="auto"``: the anchor while a solver allows it, else subtract)."""
+        if self.fd_restore != "auto":
+            return self.fd_restore
+        return "anchor" if self._anchor_room else "subtract"
+
+    def allow_anchor(self) -> bool:
+        """Called by a solver whose device has room for one more parameter-sized vector until it calls
+        :meth:`drop_anchor` (in a ``finally``, when the solve ends). Returns whether fd products will use
+        the anchor (``mode="fd"``, ``fd_restore="auto"``, float32/float64 parameters perturbed in place)."""
+        use = self.mode == "fd" and self.fd_restore == "auto" and not self.upcast
+        self._anchor_room = use
+        return use
+
+    def drop_anchor(self) -> None:
+        """Forget the anchor and the room for it: later fd products restore by subtraction."""
+        self._anchor_room = False
+        self._anchor = None
+
+    def _fd_anchor(self) -> Anchor:
+        """The solve's anchor: kept while the parameters are the anchored ones, unmoved since its last
+        restore (identity, ``data_ptr``, ``_version``); else taken again from the parameters as they are."""
+        if self._anchor is None or not self._anchor.matches(self.params):
+            self._anchor = None
+            self._anchor = Anchor(self.params)
+        return self._anchor

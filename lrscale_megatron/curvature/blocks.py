@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -94,3 +95,26 @@ class BlockOperator:
         return b.project(out)
 
     __call__ = matvec
+
+
+def select_params(
+    model: torch.nn.Module, params: Sequence[Any] | None, who: str
+) -> list[tuple[str, torch.Tensor]]:
+    """``model``'s trainable ``(name, parameter)`` pairs, in model order: all of them (``params=None``), or
+    those named / given in ``params`` (a block of H). Unknown names are refused, naming ``who``."""
+    named: list[tuple[str, torch.Tensor]] = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if params is None:
+        return named
+    chosen = list(params)
+    if all(isinstance(x, str) for x in chosen):
+        wanted = set(chosen)
+        known = {n for n, _ in named}
+        missing = sorted(wanted - known)
+        if missing:
+            raise ValueError(
+                f"{who} params: no trainable parameter named {missing[:5]}; "
+                f"known names start with {sorted(known)[:5]}"
+            )
+        return [(n, p) for n, p in named if n in wanted]
+    ids = {id(p) for p in chosen}
+    return [(n, p) for n, p in named if id(p) in ids]

@@ -33,15 +33,15 @@ and a ``reason`` naming the iteration; the values reported are the last finite R
 
 from __future__ import annotations
 
-import functools
 import logging
 import math
 from collections.abc import Callable, Sequence
-from typing import Literal, TypeVar, cast
+from typing import Literal
 
 import numpy as np
 
 from lrscale_megatron.curvature import krylov as kr
+from lrscale_megatron.curvature.basis_choice import StartHandoff, host_basis, resolve_basis, solve_scoped
 from lrscale_megatron.curvature.results import EigenResult, LinearOperator
 from lrscale_megatron.curvature.vectors import OffDeviceBasis, Vector
 
@@ -49,85 +49,10 @@ logger = logging.getLogger(__name__)
 
 Which = Literal["LA", "SA", "LM"]
 _WHICH = ("LA", "SA", "LM")
-_REORTH = ("full", "none")
-_BASIS = ("auto", "keep", "recompute", "host")
 
 
 def _fresh(op: LinearOperator) -> bool:
     return bool(getattr(op, "returns_new_tensors", False))
-
-
-def _resolve_basis(basis: str, reorth: str | None, k: int) -> tuple[str, str]:
-    """``(mode, reorth)``; mode ``"auto1"`` means: the host basis if it fits, else ``"recompute"``."""
-    if basis not in _BASIS:
-        raise ValueError(f"basis={basis!r} is not supported; use one of {_BASIS}")
-    if reorth is not None and reorth not in _REORTH:
-        raise ValueError(f"reorth={reorth!r} is not supported; use one of {_REORTH}")
-    if basis == "auto":
-        basis = "auto1" if k == 1 and reorth != "full" else "keep"
-    if basis in ("recompute", "host", "auto1"):
-        if k != 1:
-            raise ValueError(f"basis={basis!r} supports k=1 only (got k={k}); use basis='keep' for k > 1")
-        if reorth == "full":
-            raise ValueError(
-                f"basis={basis!r} does not reorthogonalise (no basis on the device); use reorth='none' "
-                "or basis='keep'"
-            )
-        return basis, "none"
-    return basis, reorth or "full"
-
-
-def _host_basis(be: object, basis: str, n_vectors: int) -> tuple[OffDeviceBasis | None, str]:
-    """The host basis for ``basis`` in ``("host", "auto1")``, or ``(None, why not)``."""
-    make = getattr(be, "host_basis", None)
-    if make is None:
-        hb, why = None, f"the vector backend {type(be).__name__} keeps no host basis"
-    else:
-        hb, why = make(n_vectors)
-    if hb is None and basis == "host":
-        raise ValueError(
-            f"basis='host' is not possible: {why}. Use basis='recompute' (second pass, no stored basis) "
-            "or basis='auto' (chooses)"
-        )
-    if hb is None:
-        logger.info("lanczos: basis='recompute' (second pass): no host basis: %s", why)
-    else:
-        logger.info("lanczos: basis='host' (Lanczos vectors in host memory, no second pass): %s", why)
-    return hb, why
-
-
-_Solver = TypeVar("_Solver", bound=Callable[..., EigenResult])
-
-
-class _Handoff:
-    """A start vector passed through :func:`_solve_scoped`'s frame, which keeps its arguments for the
-    whole solve: the solver takes the vector out, so once it has normalised it, nothing holds it (one
-    device vector less for the host and kept bases)."""
-
-    def __init__(self, v: Vector | None) -> None:
-        self._v = [v]
-
-    def take(self) -> Vector | None:
-        return self._v.pop() if self._v else None
-
-
-def _solve_scoped(solver: _Solver) -> _Solver:
-    """What a solve lends its operator (the fd anchor: ``op.allow_anchor()``, :mod:`.anchor`) is taken
-    back when the solve ends, also on an exception: a copy of the parameters must never outlive the solve
-    it was taken for (after an optimizer step, writing it back would revert training)."""
-
-    @functools.wraps(solver)
-    def solve(op: LinearOperator, *args, **kwargs) -> EigenResult:
-        if "v0" in kwargs:  # this frame must not keep the start vector alive during the solve
-            kwargs["v0"] = _Handoff(kwargs["v0"])
-        try:
-            return solver(op, *args, **kwargs)
-        finally:
-            drop = getattr(op, "drop_anchor", None)
-            if drop is not None:
-                drop()
-
-    return cast(_Solver, solve)
 
 
 def _probe(
@@ -191,7 +116,7 @@ def _second_pass(
     return y, n_matvec, None
 
 
-@_solve_scoped
+@solve_scoped
 def lanczos(
     op: LinearOperator,
     k: int = 1,
@@ -250,7 +175,7 @@ def lanczos(
     be = op.backend
     if which not in _WHICH:
         raise ValueError(f"which={which!r} is not supported; use one of {_WHICH}")
-    kept, reorth_mode = _resolve_basis(basis, reorth, k)
+    kept, reorth_mode = resolve_basis(basis, reorth, k)
     if not (tol >= 0.0):
         raise ValueError(f"tol={tol} must be >= 0 (relative residual tolerance, e.g. 1e-3)")
     n = be.dim
@@ -262,7 +187,7 @@ def lanczos(
         )
     max_iter = min(max_iter, n)
 
-    if isinstance(v0, _Handoff):
+    if isinstance(v0, StartHandoff):
         v0 = v0.take()
     q, failure = kr.start_vector(be, seed, v0)
     if q is None:
@@ -271,7 +196,7 @@ def lanczos(
 
     hb: OffDeviceBasis | None = None
     if kept in ("host", "auto1"):
-        hb, _ = _host_basis(be, kept, max_iter)
+        hb, _ = host_basis(be, kept, max_iter)
         kept = "host" if hb is not None else "recompute"
         allow_anchor = getattr(op, "allow_anchor", None)  # device: q, the product and the fd anchor
         if hb is not None and allow_anchor is not None:

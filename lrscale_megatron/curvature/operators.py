@@ -47,8 +47,9 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch.utils._pytree import tree_map
 
-from lrscale_megatron.curvature.anchor import Anchor
+from lrscale_megatron.curvature.anchor import Anchor, AnchorLoan
 from lrscale_megatron.curvature.backend import Vector, VectorBackend
+from lrscale_megatron.curvature.blocks import select_params
 from lrscale_megatron.curvature.evaluation import (
     LOW_PRECISION,
     deterministic_loss,
@@ -74,7 +75,7 @@ def _is_microbatch_list(batch: Any) -> bool:
     return isinstance(batch, list) and len(batch) > 0 and not isinstance(batch[0], (int, float))
 
 
-class HessianOperator:
+class HessianOperator(AnchorLoan):
     """The Hessian of a loss over a fixed batch, applied to per-parameter vectors.
 
     Args:
@@ -151,7 +152,7 @@ class HessianOperator:
         self.math_sdpa = math_sdpa
         self.input_setter = input_setter
         self.eval_mode = eval_mode
-        self.named_params = self._select_params(params)
+        self.named_params = select_params(self.model, params, "HessianOperator")
         self.params = [p for _, p in self.named_params]
         if not self.params:
             raise ValueError("HessianOperator has no parameters: params selected none with requires_grad")
@@ -201,27 +202,6 @@ class HessianOperator:
             None
         )
         self.last_loss: float | None = None
-
-    # ------------------------------------------------------------------ parameter selection
-    def _select_params(self, params) -> list[tuple[str, torch.Tensor]]:
-        named: list[tuple[str, torch.Tensor]] = [
-            (n, p) for n, p in self.model.named_parameters() if p.requires_grad
-        ]
-        if params is None:
-            return named
-        params = list(params)
-        if all(isinstance(x, str) for x in params):
-            wanted = set(params)
-            known = {n for n, _ in named}
-            missing = sorted(wanted - known)
-            if missing:
-                raise ValueError(
-                    f"HessianOperator params: no trainable parameter named {missing[:5]}; "
-                    f"known names start with {sorted(known)[:5]}"
-                )
-            return [(n, p) for n, p in named if n in wanted]
-        ids = {id(p) for p in params}
-        return [(n, p) for n, p in named if id(p) in ids]
 
     # ------------------------------------------------------------------ evaluation context
     @contextlib.contextmanager
@@ -389,36 +369,6 @@ class HessianOperator:
         self._graph = None
         self._base = None
         self.drop_anchor()
-
-    # ------------------------------------------------------------------ the fd anchor (:mod:`.anchor`)
-    @property
-    def restore_mode(self) -> str:
-        """How the next fd product puts float32/float64 parameters back: ``"anchor"``, ``"subtract"`` or
-        ``"copy"`` (``fd_restore="auto"``: the anchor while a solver allows it, else subtract)."""
-        if self.fd_restore != "auto":
-            return self.fd_restore
-        return "anchor" if self._anchor_room else "subtract"
-
-    def allow_anchor(self) -> bool:
-        """Called by a solver whose device has room for one more parameter-sized vector until it calls
-        :meth:`drop_anchor` (in a ``finally``, when the solve ends). Returns whether fd products will use
-        the anchor (``mode="fd"``, ``fd_restore="auto"``, float32/float64 parameters perturbed in place)."""
-        use = self.mode == "fd" and self.fd_restore == "auto" and not self.upcast
-        self._anchor_room = use
-        return use
-
-    def drop_anchor(self) -> None:
-        """Forget the anchor and the room for it: later fd products restore by subtraction."""
-        self._anchor_room = False
-        self._anchor = None
-
-    def _fd_anchor(self) -> Anchor:
-        """The solve's anchor: kept while the parameters are the anchored ones, unmoved since its last
-        restore (identity, ``data_ptr``, ``_version``); else taken again from the parameters as they are."""
-        if self._anchor is None or not self._anchor.matches(self.params):
-            self._anchor = None
-            self._anchor = Anchor(self.params)
-        return self._anchor
 
     def _params_version(self) -> int:
         """Changes whenever any parameter is modified in place (optimizer steps, load_state_dict)."""

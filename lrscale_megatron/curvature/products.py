@@ -109,17 +109,15 @@ def hvp_fd(op: HessianOperator, v: Vector) -> Vector:
     # in-place perturbation relies on (:mod:`.perturb`), and 1/h can scale the gradient in its backward
     h = power_of_two(raw)
     if op.fd_scheme == "forward":
-        if op._base is None or op._base_version != op._params_version():
-            op._base = None
-            op._base = op.loss_and_grad()
-            op._base_version = op._params_version()
+        g0 = op.base_gradient()  # cached while the parameters are unchanged
+        assert g0 is not None
         # (g(θ+hv) - g(θ))/h in one pass: the backward itself returns g(θ+hv)/h (its seed is 1/h, exact),
         # then gp -= g0/h (a power-of-two multiple of g0: exact, fused in the subtraction)
         gp, scaled = _grad_at(op, v, h, 1.0 / h)
         if scaled:
-            torch._foreach_sub_(gp, op._base[1], alpha=1.0 / h)
+            torch._foreach_sub_(gp, g0, alpha=1.0 / h)
         else:
-            torch._foreach_sub_(gp, op._base[1])
+            torch._foreach_sub_(gp, g0)
             torch._foreach_mul_(gp, 1.0 / h)
         return gp
     gp, scaled = _grad_at(op, v, h, 0.5 / h)

@@ -51,7 +51,7 @@ def test_fd_under_an_outer_autocast_is_refused_too():
 def test_autocast_switched_off_inside_the_loss_passes_and_matches_exact():
     model, batch = _problem()
     loss = _loss(torch.bfloat16, enabled=False)
-    fd = lanczos(HessianOperator(model, loss, batch, mode="fd"), k=1, max_iter=30, tol=1e-3, seed=0)
+    fd = lanczos(HessianOperator(model, loss, batch, mode="fd"), k=1, max_iter=30, tol=1e-2, seed=0)
     ex = lanczos(HessianOperator(model, loss, batch, mode="exact"), k=1, max_iter=30, tol=1e-3, seed=0)
     assert fd.converged and ex.converged
     assert abs(fd.eigenvalues[0] - ex.eigenvalues[0]) <= 1e-2 * abs(ex.eigenvalues[0])
