@@ -163,15 +163,15 @@ def measure_lambda_max(
         except MomentsUnavailable as e:
             return Estimate(lambda_max=math.nan, converged=False, reason=f"no Adam preconditioner: {e}")
     want = warm is not None and warm.wants_vector(params)
-    # the start vector is made in the call, so that no reference here keeps it alive during the solve
-    # (lanczos drops its own once it has normalised it, unless its second pass needs it again)
+    # the start vector is passed as a recipe: lanczos makes it when it starts and again for its second
+    # pass (the fallback when the host has no room), so no start vector stays alive during the products
     res = lanczos(
         op,
         k=1,
         max_iter=max_iter,
         tol=tol,
         seed=seed,
-        v0=_start_vector(op, warm, params, seed),
+        v0=lambda: _start_vector(op, warm, params, seed),
         return_vectors=want,
         basis=basis,
     )

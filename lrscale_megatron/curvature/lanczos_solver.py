@@ -75,7 +75,7 @@ def _probe(
 def _second_pass(
     op: LinearOperator,
     seed: int,
-    v0: Vector | None,
+    v0: Vector | Callable[[], Vector | None] | None,
     alphas: list[float],
     offdiag: list[float],
     s: np.ndarray,
@@ -86,7 +86,7 @@ def _second_pass(
     (dropout, noise) is reported instead of silently giving another vector."""
     be = op.backend
     m = len(alphas)
-    q, _ = kr.start_vector(be, seed, v0)  # the first pass's start vector, regenerated
+    q, _ = kr.start_vector(be, seed, v0() if callable(v0) else v0)  # the first pass's, regenerated
     assert q is not None  # it was finite in the first pass
     y = be.scale(float(s[0]), q)
     q_prev: Vector | None = None
@@ -126,7 +126,7 @@ def lanczos(
     which: Which = "LA",
     reorth: Literal["full", "none"] | None = None,
     return_vectors: bool = False,
-    v0: Vector | None = None,
+    v0: Vector | Callable[[], Vector | None] | None = None,
     callback: Callable[[int, tuple[float, ...]], None] | None = None,
     basis: Literal["auto", "keep", "recompute", "host"] = "auto",
 ) -> EigenResult:
@@ -150,7 +150,10 @@ def lanczos(
             recurrence only; loses orthogonality and produces "ghost" copies of converged Ritz values:
             use only for ``k=1``). Default: ``"full"`` with a kept basis, ``"none"`` with a recomputed one.
         return_vectors: also return the Ritz vectors.
-        v0: start vector (normalised here) instead of a random one, e.g. a warm start.
+        v0: start vector (normalised here) instead of a random one, e.g. a warm start; or a
+            zero-argument callable returning one (``None``: random), called at the start and again by the
+            second pass, so that with ``basis="recompute"`` no start vector stays alive during the solve
+            (a vector passed as such is kept for the second pass: one vector more).
         callback: ``callback(iteration, ritz_values)`` after each iteration (1-based), most wanted first.
         basis: ``"keep"`` stores every Lanczos vector (memory ``max_iter`` vectors, no extra products);
             ``"recompute"`` (``k=1`` only) stores none and rebuilds the Ritz vector by a second pass
@@ -189,7 +192,7 @@ def lanczos(
 
     if isinstance(v0, StartHandoff):
         v0 = v0.take()
-    q, failure = kr.start_vector(be, seed, v0)
+    q, failure = kr.start_vector(be, seed, v0() if callable(v0) else v0)
     if q is None:
         logger.warning("lanczos: %s; nothing computed", failure)
         return EigenResult(kr.pad([], k), kr.pad([], k), False, 0, reason=failure)
