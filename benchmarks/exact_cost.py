@@ -43,7 +43,7 @@ import torch
 from lrscale_megatron.curvature import HessianOperator, doublegrad
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from fd_cost import build, loss_fn  # noqa: E402  (the same model and loss)
+from fd_cost import add_clock_option, build, loss_fn, use_clock  # noqa: E402  (the same model, loss, clock)
 
 CLOCK = [time.perf_counter]
 OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::mul", "aten::add", "aten::add_", "aten::sum")
@@ -139,18 +139,9 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=11)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--profile", action="store_true", help="also a per-op table (torch.profiler)")
-    ap.add_argument(
-        "--clock",
-        choices=("wall", "thread"),
-        default="wall",
-        help="wall time, or this thread's CPU time (needs --threads 1; robust to a loaded machine)",
-    )
+    add_clock_option(ap)
     a = ap.parse_args()
-    if a.clock == "thread":
-        if a.threads != 1:
-            raise SystemExit("--clock thread needs --threads 1 (other torch threads' time is not counted)")
-        CLOCK[0] = time.thread_time
-    torch.set_num_threads(a.threads)
+    use_clock(a, CLOCK)
     res = {"load_before": os.getloadavg(), "threads": a.threads, "repeats": a.repeats, "clock": a.clock}
     res["sizes"] = [measure(a.quick, b, a.repeats, a.profile) for b in a.batch]
     res["load_after"] = os.getloadavg()

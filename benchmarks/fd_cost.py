@@ -48,6 +48,25 @@ from lrscale_megatron.models.torch_gpt import TorchGPT, TorchGPTConfig, torch_gp
 CLOCK = [time.perf_counter]
 
 
+def add_clock_option(ap: argparse.ArgumentParser) -> None:
+    """``--clock wall|thread`` (shared with ``exact_cost.py``)."""
+    ap.add_argument(
+        "--clock",
+        choices=("wall", "thread"),
+        default="wall",
+        help="wall time, or this thread's CPU time (needs --threads 1; robust to a loaded machine)",
+    )
+
+
+def use_clock(a: argparse.Namespace, clock: list) -> None:
+    """Set the torch threads and the clock ``clock[0]`` from the parsed ``--threads`` / ``--clock``."""
+    if a.clock == "thread":
+        if a.threads != 1:
+            raise SystemExit("--clock thread needs --threads 1 (other torch threads' time is not counted)")
+        clock[0] = time.thread_time
+    torch.set_num_threads(a.threads)
+
+
 def loss_fn(m, b):
     return torch_gpt_loss(m, b).float()
 
@@ -207,18 +226,9 @@ def main() -> None:
     ap.add_argument(
         "--solve", type=int, default=0, help="also time whole Lanczos solves of this many products"
     )
-    ap.add_argument(
-        "--clock",
-        choices=("wall", "thread"),
-        default="wall",
-        help="wall time, or this thread's CPU time (needs --threads 1; robust to a loaded machine)",
-    )
+    add_clock_option(ap)
     a = ap.parse_args()
-    if a.clock == "thread":
-        if a.threads != 1:
-            raise SystemExit("--clock thread needs --threads 1 (other torch threads' time is not counted)")
-        CLOCK[0] = time.thread_time
-    torch.set_num_threads(a.threads)
+    use_clock(a, CLOCK)
     res = {"load_before": os.getloadavg(), "threads": a.threads, "repeats": a.repeats, "clock": a.clock}
     res["sizes"] = [measure(a.quick, b, a.repeats, a.breakdown) for b in a.batch]
     if a.solve:
