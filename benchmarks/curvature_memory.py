@@ -34,32 +34,22 @@ import copy
 import json
 import os
 import statistics
+import sys
 import time
 
 import torch
 
 from lrscale_megatron.curvature import HessianOperator, lanczos
 from lrscale_megatron.curvature.memtrack import HostDeviceBytes, LiveTensorBytes
-from lrscale_megatron.models.torch_gpt import TorchGPT, TorchGPTConfig, torch_gpt_loss
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from fd_cost import build as _build  # noqa: E402  (the same model and loss)
+from fd_cost import loss_fn  # noqa: E402
 
 
 def build(quick: bool, dtype: torch.dtype):
-    cfg = (
-        TorchGPTConfig(vocab_size=64, seq_length=16, hidden_size=32, num_layers=2, num_heads=4)
-        if quick
-        else TorchGPTConfig(vocab_size=256, seq_length=64, hidden_size=128, num_layers=4, num_heads=4)
-    )
-    model = TorchGPT(cfg)
-    model.init_weights(0)
-    model = model.to(dtype)
-    tok = torch.randint(
-        0, cfg.vocab_size, (4, cfg.seq_length + 1), generator=torch.Generator().manual_seed(0)
-    )
-    return model, {"tokens": tok[:, :-1], "labels": tok[:, 1:]}
-
-
-def loss_fn(m, b):
-    return torch_gpt_loss(m, b).float()
+    """The benchmark model in ``dtype`` and one micro-batch of 4 sequences."""
+    return _build(quick, 4, dtype)
 
 
 def memory(quick: bool, dtype: torch.dtype, iters: list[int]) -> dict:

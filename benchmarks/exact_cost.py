@@ -43,7 +43,7 @@ import torch
 from lrscale_megatron.curvature import HessianOperator, doublegrad
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from fd_cost import add_clock_option, build, loss_fn, use_clock  # noqa: E402  (the same model, loss, clock)
+from fd_cost import add_common_options, build, loss_fn, use_clock  # noqa: E402  (the same model, loss, clock)
 
 CLOCK = [time.perf_counter]
 OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::mul", "aten::add", "aten::add_", "aten::sum")
@@ -132,14 +132,8 @@ def measure(quick: bool, bsz: int, repeats: int, profile: bool) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--quick", action="store_true", help="tiny model (smoke run)")
-    ap.add_argument(
-        "--batch", type=int, nargs="+", default=[4, 16, 32], help="micro-batch sizes (x 64 tokens)"
-    )
-    ap.add_argument("--repeats", type=int, default=11)
-    ap.add_argument("--threads", type=int, default=1)
+    add_common_options(ap)
     ap.add_argument("--profile", action="store_true", help="also a per-op table (torch.profiler)")
-    add_clock_option(ap)
     a = ap.parse_args()
     use_clock(a, CLOCK)
     res = {"load_before": os.getloadavg(), "threads": a.threads, "repeats": a.repeats, "clock": a.clock}

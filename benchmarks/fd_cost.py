@@ -48,8 +48,15 @@ from lrscale_megatron.models.torch_gpt import TorchGPT, TorchGPTConfig, torch_gp
 CLOCK = [time.perf_counter]
 
 
-def add_clock_option(ap: argparse.ArgumentParser) -> None:
-    """``--clock wall|thread`` (shared with ``exact_cost.py``)."""
+def add_common_options(ap: argparse.ArgumentParser) -> None:
+    """``--quick``, ``--batch``, ``--repeats``, ``--threads`` and ``--clock wall|thread`` (shared with
+    ``exact_cost.py``)."""
+    ap.add_argument("--quick", action="store_true", help="tiny model (smoke run)")
+    ap.add_argument(
+        "--batch", type=int, nargs="+", default=[4, 16, 32], help="micro-batch sizes (x 64 tokens)"
+    )
+    ap.add_argument("--repeats", type=int, default=11)
+    ap.add_argument("--threads", type=int, default=1)
     ap.add_argument(
         "--clock",
         choices=("wall", "thread"),
@@ -71,7 +78,9 @@ def loss_fn(m, b):
     return torch_gpt_loss(m, b).float()
 
 
-def build(quick: bool, bsz: int):
+def build(quick: bool, bsz: int, dtype: torch.dtype = torch.float32):
+    """The benchmarks' TorchGPT (834,304 parameters; ``quick``: a tiny one) in ``dtype`` and one micro-batch
+    of ``bsz`` sequences (shared by ``exact_cost.py`` and ``curvature_memory.py``)."""
     cfg = (
         TorchGPTConfig(vocab_size=64, seq_length=16, hidden_size=32, num_layers=2, num_heads=4)
         if quick
@@ -79,6 +88,7 @@ def build(quick: bool, bsz: int):
     )
     model = TorchGPT(cfg)
     model.init_weights(0)
+    model = model.to(dtype)
     tok = torch.randint(
         0, cfg.vocab_size, (bsz, cfg.seq_length + 1), generator=torch.Generator().manual_seed(0)
     )
@@ -216,17 +226,11 @@ class _Null:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--quick", action="store_true", help="tiny model (smoke run)")
-    ap.add_argument(
-        "--batch", type=int, nargs="+", default=[4, 16, 32], help="micro-batch sizes (x 64 tokens)"
-    )
-    ap.add_argument("--repeats", type=int, default=11)
-    ap.add_argument("--threads", type=int, default=1)
+    add_common_options(ap)
     ap.add_argument("--breakdown", action="store_true", help="also time the fd product's phases")
     ap.add_argument(
         "--solve", type=int, default=0, help="also time whole Lanczos solves of this many products"
     )
-    add_clock_option(ap)
     a = ap.parse_args()
     use_clock(a, CLOCK)
     res = {"load_before": os.getloadavg(), "threads": a.threads, "repeats": a.repeats, "clock": a.clock}
