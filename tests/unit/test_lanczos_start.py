@@ -4,6 +4,8 @@ the gradient hides the top eigenvector, the gradient in the operator's own coord
 
 from __future__ import annotations
 
+import weakref
+
 import numpy as np
 import pytest
 import torch
@@ -132,21 +134,27 @@ def test_measure_lambda_max_cold_fd_start_matches_the_dense_reference(preconditi
     assert est.lambda_max == pytest.approx(ref, rel=1e-5)
 
 
+def _tracked_start():
+    """An operator with a known top pair, and a gradient-start recipe that records a weak reference to
+    every start vector it makes (to see whether the solver keeps one alive)."""
+    a, q = _spectrum(60, seed=4)
+    op = GradOperator(a, q[:, 3])
+    refs: list[weakref.ref] = []
+
+    def make() -> list[torch.Tensor]:
+        v0 = gradient_start(op, 0)[0]
+        assert v0 is not None
+        refs.append(weakref.ref(v0[0]))
+        return v0
+
+    return op, make, refs
+
+
 @pytest.mark.parametrize("basis,alive", [("host", False), ("keep", False), ("recompute", True)])
 def test_the_start_vector_is_not_kept_alive_during_the_solve(basis, alive):
     """measure_lambda_max makes v0 inside the lanczos call; lanczos drops it once normalised unless its
     second pass regenerates from it (then it stays: one vector more, as documented)."""
-    import weakref
-
-    a, q = _spectrum(60, seed=4)
-    op = GradOperator(a, q[:, 3])
-    ref: list[weakref.ref] = []
-
-    def make() -> list[torch.Tensor]:
-        v0 = gradient_start(op, 0)[0]
-        ref.append(weakref.ref(v0[0]))
-        return v0
-
+    op, make, refs = _tracked_start()
     seen: list[bool] = []
     res = lanczos(
         op,
@@ -155,7 +163,7 @@ def test_the_start_vector_is_not_kept_alive_during_the_solve(basis, alive):
         tol=1e-8,
         v0=make(),
         basis=basis,
-        callback=lambda i, t: seen.append(ref[0]() is not None),
+        callback=lambda i, t: seen.append(refs[0]() is not None),
     )
     assert res.converged and res.eigenvalues[0] == pytest.approx(10.0, rel=1e-7)
     assert seen and all(s == alive for s in seen)
@@ -165,18 +173,7 @@ def test_the_start_vector_is_not_kept_alive_during_the_solve(basis, alive):
 def test_a_start_recipe_keeps_no_start_vector_alive_and_gives_the_same_result(basis):
     """v0 as a recipe (what measure_lambda_max passes): made at the start and again by the second pass,
     never alive during the products, for every basis; the same Ritz value and products as the vector."""
-    import weakref
-
-    a, q = _spectrum(60, seed=4)
-    op = GradOperator(a, q[:, 3])
-    refs: list[weakref.ref] = []
-
-    def make() -> list[torch.Tensor] | None:
-        v0 = gradient_start(op, 0)[0]
-        assert v0 is not None
-        refs.append(weakref.ref(v0[0]))
-        return v0
-
+    op, make, refs = _tracked_start()
     seen: list[bool] = []
     res = lanczos(
         op,
