@@ -23,6 +23,20 @@ from lrscale_megatron.scheduler_config import LRScaleConfigError
 PEAK, WARMUP, TOTAL = 8e-3, 100, 1000
 
 
+def _adapt_early(cfg: OnlineConfig, lam: float, lr: float):
+    """One adaptation at step 10 of the warmup, from a fresh state at ``PEAK``, with ``lr`` in force."""
+    return adapt(
+        AdapterState(peak=PEAK),
+        Estimate(lam),
+        offline_peak=PEAK,
+        cfg=cfg,
+        step=10,
+        group=None,
+        lr=lr,
+        warmup_done=False,
+    )
+
+
 def _sched(**online) -> LRScaleScheduler:
     cfg = LRScaleConfig(
         peak_lr=PEAK,
@@ -76,16 +90,7 @@ def test_near_the_edge_the_curvature_is_not_projected(g):
     cfg = OnlineConfig()
     lr = PEAK / 10
     lam = g * cfg.threshold / lr  # g_peak = 10 g
-    d = adapt(
-        AdapterState(peak=PEAK),
-        Estimate(lam),
-        offline_peak=PEAK,
-        cfg=cfg,
-        step=10,
-        group=None,
-        lr=lr,
-        warmup_done=False,
-    )
+    d = _adapt_early(cfg, lam, lr)
     assert d.action == "hold" and d.peak_after == PEAK
 
 
@@ -93,16 +98,7 @@ def test_far_above_the_edge_in_warmup_the_stricter_of_both_cuts():
     cfg = OnlineConfig()
     lr = PEAK / 3
     lam = 3.0 * cfg.threshold / lr  # g = 3 in force, g_peak = 9 at the peak
-    d = adapt(
-        AdapterState(peak=PEAK),
-        Estimate(lam),
-        offline_peak=PEAK,
-        cfg=cfg,
-        step=10,
-        group=None,
-        lr=lr,
-        warmup_done=False,
-    )
+    d = _adapt_early(cfg, lam, lr)
     assert d.action == "cut"
     assert d.peak_after == pytest.approx(PEAK / 9.0)  # g_peak -> 1 (the in-force rule: PEAK / 6)
     assert lam * lr * (d.peak_after / PEAK) / cfg.threshold < 1.0  # the LR in force below the edge
@@ -251,14 +247,5 @@ def test_beyond_the_edge_early_in_warmup_is_projected():
     """g = 1.5 (within cut_above, beyond project_above) at 10 % of the warmup: g_peak = 15, cut (x10 max)."""
     cfg = OnlineConfig()
     lr = PEAK / 10
-    d = adapt(
-        AdapterState(peak=PEAK),
-        Estimate(1.5 * cfg.threshold / lr),
-        offline_peak=PEAK,
-        cfg=cfg,
-        step=10,
-        group=None,
-        lr=lr,
-        warmup_done=False,
-    )
+    d = _adapt_early(cfg, 1.5 * cfg.threshold / lr, lr)
     assert d.action == "cut" and d.peak_after == pytest.approx(PEAK / cfg.max_cut)
