@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
 import sys
 from pathlib import Path
+
+from tests.integration._selfrun import run_self
 
 ROOT = Path(__file__).resolve().parents[2]
 GPT = ROOT / "configs" / "gpt"
@@ -64,13 +64,7 @@ def _worker(workdir: Path) -> None:
 
 
 def test_mixer_and_vit_train_through_the_deepspeed_engine_with_lrscale(tmp_path):
-    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
-    proc = subprocess.run(
-        [sys.executable, __file__, str(tmp_path)], capture_output=True, text=True, env=env, timeout=600
-    )
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
-    r = json.loads((tmp_path / "result.json").read_text())
+    r = run_self(__file__, tmp_path, tmp_path / "result.json")
     assert r.pop("engines") == ["DeepSpeedEngine"] * (sum(STEPS.values()) + 18)
     # LRScale's online mode measures the ViT's curvature in the trainer (Lanczos on its Hessian): every
     # measurement is a finite lambda_max or a refusal with its reason, never silently dropped

@@ -11,10 +11,10 @@ operator), and the measurement must not depend on the point's LR.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
+
+from tests.integration._selfrun import run_self
 
 ROOT = Path(__file__).resolve().parents[2]
 POINT = dict(width=16, depth=1, tokens=4096, batch_tokens=128, seq_len=32, lr=1e-3, seed=0)
@@ -110,13 +110,7 @@ def _worker(out: Path) -> None:
 
 def test_init_lambda_raw_and_preconditioned_match_reference(tmp_path):
     out = tmp_path / "out.json"
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", DS_ACCELERATOR="cpu")
-    env.pop("MASTER_PORT", None)
-    proc = subprocess.run(
-        [sys.executable, __file__, str(out)], capture_output=True, text=True, timeout=600, env=env, cwd=ROOT
-    )
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
-    r = json.loads(out.read_text())
+    r = run_self(__file__, out, out, cwd=ROOT, own_port=True)
     assert abs(r["raw"] - r["ref"]["raw"]) <= 1e-6 * abs(r["ref"]["raw"])
     assert abs(r["adam"] - r["ref"]["adam"]) <= 1e-6 * abs(r["ref"]["adam"])
     assert r["adam"] == r["adam_lr"]  # LR-free

@@ -13,10 +13,10 @@ the pytest process) calls ``train()`` four times after a single process-group st
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
+
+from tests.integration._selfrun import run_self
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIG = ROOT / "configs" / "gpt" / "cpu-tiny.json"
@@ -64,13 +64,7 @@ def _worker(workdir: Path) -> None:
 
 
 def test_resume_reproduces_losses_and_train_is_repeatable(tmp_path):
-    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
-    proc = subprocess.run(
-        [sys.executable, __file__, str(tmp_path)], capture_output=True, text=True, env=env, timeout=600
-    )
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
-    r = json.loads((tmp_path / "result.json").read_text())
+    r = run_self(__file__, tmp_path, tmp_path / "result.json")
     full, resumed, again, cosine = r["full"], r["resumed"], r["again"], r["cosine"]
 
     assert [h["step"] for h in full["history"]] == list(range(1, 21))
