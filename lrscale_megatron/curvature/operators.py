@@ -101,8 +101,8 @@ class HessianOperator(AnchorLoan):
         reuse_graph: exact mode: keep the first gradient's graph across products. Default: when there
             is one micro-batch and no pipeline parallelism (memory: one graph per micro-batch).
         fd_restore: how fd mode puts float32/float64 parameters back after evaluating at ``θ + h v``:
-            ``"auto"`` (default): from the anchor (:mod:`.anchor`: one copy of the parameters for the
-            length of a solve, two passes a product) while a solver has said the device has room for it
+            ``"auto"`` (default): from the anchor (:mod:`.anchor`: one copy of the parameters for a solve,
+            one pass a product, θ0 copied back lazily) while a solver has said the device has room for it
             (:meth:`allow_anchor`; ``lanczos`` with the host basis: 3 vectors on the device), else as
             ``"subtract"``; ``"subtract"`` subtracts ``h v`` again, exact by a check made before
             perturbing (:mod:`.perturb`; no parameter copy: the second-pass measurement stays within 4
