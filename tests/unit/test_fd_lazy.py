@@ -267,3 +267,27 @@ def test_a_nan_start_vector_is_still_reported():
     v0[0][0] = float("nan")
     r = lanczos(op, k=1, max_iter=4, tol=0.0, basis="host", v0=v0)
     assert not r.converged and "non-finite" in (r.reason or "")
+
+
+def test_an_interrupted_write_is_restored_whatever_the_key_says(monkeypatch):
+    model, _ = _gpt()
+    params = list(model.parameters())
+    before = _bits(params)
+    anchor = Anchor(params)
+    v = [torch.randn(p.shape, generator=torch.Generator().manual_seed(i)) for i, p in enumerate(params)]
+    anchor.perturb_(v, 2.0**-3)  # dirty, its key taken after the write
+    real, n = torch.add, [0]
+
+    def add(*a, **k):
+        n[0] += 1
+        if n[0] == 3:
+            raise KeyboardInterrupt  # two tensors rewritten (new versions), the rest still theta0 + h v
+        return real(*a, **k)
+
+    monkeypatch.setattr(torch, "add", add)
+    with pytest.raises(KeyboardInterrupt):
+        anchor.perturb_(v, 2.0**-2)
+    monkeypatch.undo()
+    assert anchor.written and not anchor.matches(params) and id(anchor) in DIRTY
+    anchor.settle()  # the key is the old one, but the write was its own: theta0 back
+    assert _same(_bits(params), before) and not anchor.stale and id(anchor) not in DIRTY
