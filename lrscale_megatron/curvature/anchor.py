@@ -13,20 +13,21 @@ it in one pass a product inside a solve (two outside one):
 * :meth:`Anchor.restore_`: ``theta <- theta0`` by a copy (bit for bit: NaN payloads and ``-0.0``
   included).
 
-**Lazy restore.** Inside a solve (:func:`~lrscale_megatron.curvature.solve_scope.solve_scope`, entered by every solver decorated with
-:func:`~lrscale_megatron.curvature.basis_choice.solve_scoped`), a product leaves the parameters at
-``theta0 + h v`` (the anchor is *dirty*) and the next product writes ``theta0 + h v'`` over them: one
-pass a product. ``theta0`` is put back (:meth:`Anchor.settle`) before anything else evaluates or reads
-the parameters:
+**Lazy restore.** Inside a solve (:func:`~lrscale_megatron.curvature.solve_scope.solve_scope`, entered
+by every solver decorated with :func:`~lrscale_megatron.curvature.basis_choice.solve_scoped`), a product
+leaves the parameters at ``theta0 + h v`` (the anchor is *dirty*) and the next product writes
+``theta0 + h v'`` over them: one pass a product. ``theta0`` is put back (:meth:`Anchor.settle`) before
+anything else evaluates or reads the parameters:
 
 * the operator's own base gradient, ``||theta||``, :meth:`loss_and_grad` (the public one), ``release()``,
   ``drop_anchor()``;
 * any other operator's product or gradient (``HessianOperator.matvec`` / ``loss_and_grad`` settle every
-  dirty anchor first:
-  :func:`~lrscale_megatron.curvature.solve_scope.settle_all`; e.g. a restricted operator on the same parameters);
-* the solver's ``callback`` (wrapped to settle first), the end of the solve, returned or raised
-  (``solve_scope`` settles all in a ``finally``);
-* an exception inside a product (``BaseException``: a ``KeyboardInterrupt`` in ``loss_fn`` too).
+  dirty anchor first, :func:`~lrscale_megatron.curvature.solve_scope.settle_all`: e.g. a restricted
+  operator on the same parameters);
+* the solver's ``callback`` (wrapped to settle first; products it runs itself restore eagerly), the end
+  of the solve, returned or raised (``solve_scope`` settles all in a ``finally``);
+* an exception inside a product (``BaseException``: a ``KeyboardInterrupt`` in ``loss_fn`` too), and an
+  interrupted write (restored whatever the key says).
 
 Outside a solve the restore is eager (after every product, in a ``finally``). A user operator that
 forwards ``allow_anchor`` promises that its ``matvec`` reads the parameters only through the operators

@@ -20,7 +20,7 @@ from typing import TypeVar, cast
 
 from lrscale_megatron.curvature import norm_hint
 from lrscale_megatron.curvature.results import EigenResult, LinearOperator
-from lrscale_megatron.curvature.solve_scope import settle_all, solve_scope
+from lrscale_megatron.curvature.solve_scope import outside_solves, solve_scope
 from lrscale_megatron.curvature.vectors import OffDeviceBasis, Vector
 
 logger = logging.getLogger("lrscale_megatron.curvature.lanczos_solver")  # the solver's log, as before
@@ -76,8 +76,8 @@ def _settled(callback: Callable[..., object]) -> Callable[..., object]:
 
     @functools.wraps(callback)
     def call(*a, **k):
-        settle_all()
-        return callback(*a, **k)
+        with outside_solves():  # settled, and products the callback runs itself restore eagerly
+            return callback(*a, **k)
 
     return call
 

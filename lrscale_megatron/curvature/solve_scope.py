@@ -43,3 +43,15 @@ def solve_scope() -> Iterator[None]:
     finally:
         _SOLVES[0] -= 1
         settle_all()
+
+
+@contextlib.contextmanager
+def outside_solves() -> Iterator[None]:
+    """User code called by a solver (its ``callback``): every dirty anchor settled first, and fd products
+    run inside it restore eagerly (a solve started inside it is a solve of its own)."""
+    settle_all()
+    saved, _SOLVES[0] = _SOLVES[0], 0
+    try:
+        yield
+    finally:
+        _SOLVES[0] = saved

@@ -131,6 +131,14 @@ def test_the_callback_sees_theta0_and_a_parameter_it_moves_is_kept():
     assert len(seen) == 3 and all(_same(s, moved) for s in seen)  # a positional callback is wrapped too
     assert _same(_bits(model.parameters()), moved)
 
+    def own_product(it, _vals):  # a callback that runs a product of the solve's operator itself
+        op.matvec(op.backend.randn(it))
+        seen.append(_bits(model.parameters()))
+
+    seen.clear()
+    lanczos(op, k=1, max_iter=3, tol=0.0, basis="host", callback=own_product)
+    assert len(seen) == 3 and all(_same(s, moved) for s in seen)  # restored eagerly inside the callback
+
 
 def test_loss_base_gradient_and_theta_norm_asked_mid_solve_are_at_theta0():
     from lrscale_megatron.curvature.products import _param_norm
