@@ -20,8 +20,8 @@ restore, ``theta0`` being copied back when the round's solve scope ends, outside
 the anchor as before the lazy restore (``fd anchor eager``: outside a solve, restored after every
 product, ``||v||`` measured), with ``fd_restore="copy"``, and one exact product (first-gradient graph
 reused) on a unit vector are timed **interleaved** in this process, ``--repeats`` rounds; each operator
-has its own model copy (an fd product bumps its parameters' versions); the script asserts that no cached gradient or graph is
-re-taken. Reported: median and min of each ratio to fwd+bwd, and the median of the per-round ratios
+has its own model copy (an fd product bumps its parameters' versions); the script asserts that no
+cached gradient or graph is re-taken. Reported: median and min of each ratio to fwd+bwd, and the median of the per-round ratios
 (``ratio_paired``: both timed in the same round). ``--breakdown`` also times the phases of
 the ``fd``, ``fd anchor`` and ``fd anchor eager`` products (perturb, gradient at the perturbed point,
 restore, the rest) by
