@@ -11,23 +11,22 @@ One process, CPU (no GPU needed)::
 
 Model: TorchGPT V=256, S=64, H=128, L=4 (834,304 float32 parameters; the model of
 ``benchmarks/curvature_memory.py``), one micro-batch of ``B x 64`` tokens. For each batch size, fwd+bwd
-(``torch.autograd.grad`` of the loss), one fd product (forward scheme, base gradient cached) restored
-by subtraction (``fd``: the default ``fd_restore="auto"`` outside a solve that lends the room, and with
-the second-pass Lanczos), from the anchor (``fd anchor``: ``"auto"`` inside a host-basis Lanczos solve;
-the operator is lent the room as that solver lends it, ``allow_anchor()``, and one anchor serves every
-round; the product runs as inside such a solve: the solver's unit-norm hint for ``v`` and the lazy
-restore, ``theta0`` being copied back when the round's solve scope ends, outside the timed region), from
-the anchor as before the lazy restore (``fd anchor eager``: outside a solve, restored after every
-product, ``||v||`` measured), with ``fd_restore="copy"``, and one exact product (first-gradient graph
-reused) on a unit vector are timed **interleaved** in this process, ``--repeats`` rounds; each operator
-has its own model copy (an fd product bumps its parameters' versions); the script asserts that no
-cached gradient or graph is re-taken. Reported: median and min of each ratio to fwd+bwd, and the median of the per-round ratios
-(``ratio_paired``: both timed in the same round). ``--breakdown`` also times the phases of
-the ``fd``, ``fd anchor`` and ``fd anchor eager`` products (perturb, gradient at the perturbed point,
-restore, the rest) by
-wrapping them, over the same rounds. ``--solve N`` also times whole ``k=1`` Lanczos solves (``basis="host"``,
-``max_iter=N``, ``tol=0``: N products) with the default ``fd_restore="auto"`` (the anchor) and with
-``"subtract"``, interleaved, and checks that their Ritz histories are identical.
+(``torch.autograd.grad`` of the loss), one fd product (forward scheme, base gradient cached) restored by
+subtraction (``fd``: the default ``fd_restore="auto"`` outside a solve that lends the room, and with the
+second-pass Lanczos), from the anchor (``fd anchor``: ``"auto"`` inside a host-basis Lanczos solve; the
+operator is lent the room as that solver lends it, ``allow_anchor()``, and one anchor serves every round; the
+product runs as inside such a solve: the solver's unit-norm hint for ``v`` and the lazy restore, ``theta0``
+being copied back when the round's solve scope ends, outside the timed region), from the anchor as before the
+lazy restore (``fd anchor eager``: outside a solve, restored after every product, ``||v||`` measured), with
+``fd_restore="copy"``, and one exact product (first-gradient graph reused) on a unit vector are timed
+**interleaved** in this process, ``--repeats`` rounds; each operator has its own model copy (an fd product
+bumps its parameters' versions); the script asserts that no cached gradient or graph is re-taken. Reported:
+median and min of each ratio to fwd+bwd, and the median of the per-round ratios (``ratio_paired``: both timed
+in the same round). ``--breakdown`` also times the phases of the ``fd``, ``fd anchor`` and ``fd anchor eager``
+products (perturb, gradient at the perturbed point, restore, the rest) by wrapping them, over the same rounds.
+``--solve N`` also times whole ``k=1`` Lanczos solves (``basis="host"``, ``max_iter=N``, ``tol=0``: N
+products) with the default ``fd_restore="auto"`` (the anchor) and with ``"subtract"``, interleaved, and checks
+that their Ritz histories are identical.
 """
 
 from __future__ import annotations
