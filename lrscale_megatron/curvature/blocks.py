@@ -85,6 +85,18 @@ class BlockOperator:
         )
         self.n_matvec = 0
 
+    def allow_anchor(self) -> bool:
+        """Forwarded to the wrapped operator (``HessianOperator.allow_anchor``, :mod:`.anchor`): the anchor
+        then covers all of its parameters (the memory of a whole-model solve), not the block only."""
+        allow = getattr(self.op, "allow_anchor", None)
+        return bool(allow()) if allow is not None else False
+
+    def drop_anchor(self) -> None:
+        """Forwarded to the wrapped operator (``HessianOperator.drop_anchor``)."""
+        drop = getattr(self.op, "drop_anchor", None)
+        if drop is not None:
+            drop()
+
     def matvec(self, v: Vector) -> Vector:
         self.n_matvec += 1
         b = self.backend

@@ -41,6 +41,7 @@ from typing import Literal
 import numpy as np
 
 from lrscale_megatron.curvature import krylov as kr
+from lrscale_megatron.curvature import norm_hint
 from lrscale_megatron.curvature.basis_choice import StartHandoff, host_basis, resolve_basis, solve_scoped
 from lrscale_megatron.curvature.results import EigenResult, LinearOperator
 from lrscale_megatron.curvature.vectors import OffDeviceBasis, Vector
@@ -228,6 +229,7 @@ def lanczos(
 
     for it in range(1, max_iter + 1):
         j_prev = it - 2
+        norm_hint.remember(q, 1.0)  # q is unit and finite here (normalised by a finite beta > 0)
         w, alpha, beta, fail = kr.lanczos_step(
             op,
             q,

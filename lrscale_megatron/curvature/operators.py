@@ -24,8 +24,9 @@ micro-batches and over data-parallel replicas) to a per-parameter vector, in one
   perturbed in place and restored bit for bit. ``fd_restore="auto"`` (the default): inside a solve
   whose device has room for one parameter-sized vector (``lanczos`` with the host basis lends it,
   :meth:`HessianOperator.allow_anchor`, and takes it back when the solve ends), from the **anchor**, one
-  copy of the parameters taken once per solve (:mod:`.anchor`: write ``θ0 + h v``, restore ``θ0`` by a
-  copy, two passes a product); otherwise by subtracting ``h v`` again, checked before perturbing
+  copy of the parameters taken once per solve (:mod:`.anchor`: write ``θ0 + h v``, one pass a product;
+  ``θ0`` is copied back lazily, before anything else evaluates or reads the parameters and when the
+  solve ends or raises); otherwise by subtracting ``h v`` again, checked before perturbing
   (:mod:`.perturb`; no parameter copy). ``"subtract"`` always subtracts; ``"copy"`` copies the
   parameters in every product. bfloat16/float16 parameters are refused with a ``grad_fn``.
 * ``"jvp"`` -- forward-over-reverse with ``torch.func.jvp(grad(L))``; plain PyTorch models only.
@@ -47,7 +48,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch.utils._pytree import tree_map
 
-from lrscale_megatron.curvature.anchor import Anchor, AnchorLoan
+from lrscale_megatron.curvature.anchor import AnchorLoan
 from lrscale_megatron.curvature.backend import Vector, VectorBackend
 from lrscale_megatron.curvature.blocks import select_params
 from lrscale_megatron.curvature.evaluation import (
@@ -58,6 +59,7 @@ from lrscale_megatron.curvature.evaluation import (
     upcast_rest,
 )
 from lrscale_megatron.curvature.preconditioned import PreconditionedOperator  # noqa: F401  (re-export)
+from lrscale_megatron.curvature.solve_scope import DIRTY, settle_all
 
 if TYPE_CHECKING:
     from lrscale_megatron.parallel import ParallelContext
@@ -99,8 +101,8 @@ class HessianOperator(AnchorLoan):
         reuse_graph: exact mode: keep the first gradient's graph across products. Default: when there
             is one micro-batch and no pipeline parallelism (memory: one graph per micro-batch).
         fd_restore: how fd mode puts float32/float64 parameters back after evaluating at ``θ + h v``:
-            ``"auto"`` (default): from the anchor (:mod:`.anchor`: one copy of the parameters for the
-            length of a solve, two passes a product) while a solver has said the device has room for it
+            ``"auto"`` (default): from the anchor (:mod:`.anchor`: one copy of the parameters for a solve,
+            one pass a product, θ0 copied back lazily) while a solver has said the device has room for it
             (:meth:`allow_anchor`; ``lanczos`` with the host basis: 3 vectors on the device), else as
             ``"subtract"``; ``"subtract"`` subtracts ``h v`` again, exact by a check made before
             perturbing (:mod:`.perturb`; no parameter copy: the second-pass measurement stays within 4
@@ -196,11 +198,9 @@ class HessianOperator(AnchorLoan):
         self._base: tuple[float, list[torch.Tensor]] | None = None
         self._base_version: int | None = None
         self._theta_norm: tuple[int, float] | None = None
-        self._anchor_room = False  # a solver said the device has room for the fd anchor (allow_anchor)
-        self._anchor: Anchor | None = None
-        self._graph: tuple[int, list[tuple[float, list[torch.Tensor | None]]], list[torch.Tensor]] | None = (
-            None
-        )
+        self._anchor_room, self._anchor = False, None  # room lent by a solver (allow_anchor); the fd anchor
+        self._graph: tuple[int, list[tuple[float, list[torch.Tensor | None]]], list[torch.Tensor]] | None
+        self._graph = None
         self.last_loss: float | None = None
 
     # ------------------------------------------------------------------ evaluation context
@@ -271,9 +271,7 @@ class HessianOperator(AnchorLoan):
         w = 1.0 / n
         if acc is None:
             out: list[torch.Tensor] = []
-            seen: set[int] = (
-                set()
-            )  # autograd may return one tensor for two inputs (e.g. both sides of an add)
+            seen: set[int] = set()  # autograd may return one tensor for two inputs (both sides of an add)
             for t, p in zip(ts, self.params):
                 if t is None:
                     out.append(torch.zeros(p.shape, dtype=self.backend.dtype, device=self.backend.device))
@@ -304,6 +302,10 @@ class HessianOperator(AnchorLoan):
         """Mean loss (NaN on non-last pipeline stages) and the gradient, at the parameters or at
         ``leaves`` (tensors standing in for them). Where :attr:`can_scale_grad`, the gradient comes
         multiplied by ``grad_scale`` (the backward's seed: no extra pass; exact for a power of two)."""
+        settle_all()  # at theta: no fd anchor left dirty by a product (:mod:`.anchor`, lazy restore)
+        return self._gradient(leaves, grad_scale)
+
+    def _gradient(self, leaves: list[torch.Tensor] | None = None, grad_scale: float = 1.0):
         self.n_grad += 1
         if self.grad_fn is not None:
             with deterministic_loss(self.model, self.eval_mode):
@@ -339,6 +341,8 @@ class HessianOperator(AnchorLoan):
     def matvec(self, v: Vector) -> Vector:
         """H v (this rank's shards), averaged over micro-batches and data-parallel replicas."""
         self.n_matvec += 1
+        if DIRTY:  # another operator's fd product left shared parameters perturbed (lazy restore)
+            settle_all(keep=self._anchor)
         from lrscale_megatron.curvature import products
 
         if self.mode == "exact":
@@ -369,10 +373,6 @@ class HessianOperator(AnchorLoan):
         self._graph = None
         self._base = None
         self.drop_anchor()
-
-    def _params_version(self) -> int:
-        """Changes whenever any parameter is modified in place (optimizer steps, load_state_dict)."""
-        return sum(p._version for p in self.params)
 
     # ------------------------------------------------------------------ helpers
     def restrict(self, params: Sequence[str] | Sequence[torch.Tensor]) -> HessianOperator:

@@ -3,7 +3,7 @@
 A finite-difference product evaluates the gradient at ``theta + h v``. Keeping a copy of ``theta`` to
 restore it afterwards costs one parameter-sized vector. Where a solve has that room (``lanczos`` with
 its basis in host memory: 3 vectors on the device with the copy), the default ``fd_restore="auto"``
-keeps one copy for the whole solve (:mod:`.anchor`, two passes a product). Where it has not (the
+keeps one copy for the whole solve (:mod:`.anchor`, one pass a product). Where it has not (the
 second-pass Lanczos, 4 vectors without a copy; power iteration, a kept basis, products outside a
 solver), and with ``fd_restore="subtract"``, this module restores without a copy. With ``h`` a power of
 two (so ``h v`` is exact and each step below is one correctly rounded operation):

@@ -12,11 +12,13 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from lrscale_megatron.curvature import norm_hint
 from lrscale_megatron.curvature.autodiff import refuse_untracked_backward, second_backward
 from lrscale_megatron.curvature.backend import Vector
 from lrscale_megatron.curvature.doublegrad import cheap_double_backward
 from lrscale_megatron.curvature.evaluation import substituted, upcast_rest
 from lrscale_megatron.curvature.perturb import perturb_, power_of_two, restore_
+from lrscale_megatron.curvature.solve_scope import in_solve
 
 if TYPE_CHECKING:
     from lrscale_megatron.curvature.operators import HessianOperator
@@ -96,7 +98,9 @@ def _exact_graph(op: HessianOperator):
 
 
 def hvp_fd(op: HessianOperator, v: Vector) -> Vector:
-    vnorm = op.backend.norm_estimate(v)  # h is a step size: float32 accuracy is plenty
+    vnorm = norm_hint.recall(v)  # a Lanczos vector: unit and finite (the solver checked), no pass
+    if vnorm is None:
+        vnorm = op.backend.norm_estimate(v)  # h is a step size: float32 accuracy is plenty
     if not math.isfinite(vnorm):
         return [torch.full_like(x, float("nan")) for x in v]
     if vnorm == 0.0:
@@ -132,6 +136,8 @@ def hvp_fd(op: HessianOperator, v: Vector) -> Vector:
 def _param_norm(op: HessianOperator) -> float:
     version = op._params_version()
     if op._theta_norm is None or op._theta_norm[0] != version:
+        op.settle_anchor()  # ||theta0||, not of a product's theta0 + h v (lazy restore)
+        version = op._params_version()
         with torch.no_grad():
             sq = op.backend.dot([p.detach() for p in op.params], [p.detach() for p in op.params])
         op._theta_norm = (version, math.sqrt(max(sq, 0.0)))
@@ -144,28 +150,32 @@ def _grad_at(op: HessianOperator, v: Vector, h: float, scale: float) -> tuple[Ve
     if op.upcast:  # bf16/fp16: evaluate at float32 substitutes so that h*v is not rounded away
         leaves = op._leaves(v, h)
         try:
-            return op.loss_and_grad(leaves, grad_scale=scale)[1], op.can_scale_grad
+            return op._gradient(leaves, grad_scale=scale)[1], op.can_scale_grad
         finally:
             del leaves
     # float32/float64 (and any user grad_fn): perturb the parameters in place and restore them bit for bit
     # without a parameter copy (:mod:`.perturb`: the check that subtracting h*v gives them back runs first)
-    version = op._params_version()
     mode = op.restore_mode
-    if mode == "anchor":  # one copy theta0 for the whole solve: write theta0 + h v, restore by a copy
+    if mode == "anchor":  # one copy theta0 for the whole solve: write theta0 + h v (:mod:`.anchor`)
         anchor = op._fd_anchor()
         try:
             anchor.perturb_(v, h)
-            _, g = op.loss_and_grad(grad_scale=scale)
-        finally:
+            _, g = op._gradient(grad_scale=scale)
+        except BaseException:  # KeyboardInterrupt in loss_fn too: theta0 back before anything else runs
             anchor.restore_()
-    elif mode == "copy":  # one parameter-sized copy per product, fewer elementwise passes
+            raise
+        if not in_solve():  # inside a solve theta0 is put back lazily (the anchor's caches stay keyed)
+            anchor.restore_()
+        return g, op.can_scale_grad
+    version = op._params_version()
+    if mode == "copy":  # one parameter-sized copy per product, fewer elementwise passes
         copy = [p.detach().clone() for p in op.params]
         try:
             with torch.no_grad():
                 torch._foreach_add_(
                     [p.detach() for p in op.params], [vi.to(p.dtype) for vi, p in zip(v, op.params)], alpha=h
                 )
-            _, g = op.loss_and_grad(grad_scale=scale)
+            _, g = op._gradient(grad_scale=scale)
         finally:
             with torch.no_grad():
                 torch._foreach_copy_([p.detach() for p in op.params], copy)
@@ -173,7 +183,7 @@ def _grad_at(op: HessianOperator, v: Vector, h: float, scale: float) -> tuple[Ve
     else:
         saved = perturb_(op.params, v, h)
         try:
-            _, g = op.loss_and_grad(grad_scale=scale)
+            _, g = op._gradient(grad_scale=scale)
         finally:
             restore_(op.params, v, h, saved)
             del saved

@@ -11,6 +11,7 @@ import os
 import torch
 
 from lrscale_megatron.curvature import HessianOperator, lanczos
+from lrscale_megatron.curvature.solve_scope import solve_scope
 from lrscale_megatron.integrations.megatron_schedule import schedule_grad_fn
 from lrscale_megatron.launch import init_megatron, shutdown
 from lrscale_megatron.megatron_state import layer_offset
@@ -94,9 +95,13 @@ sched = HessianOperator(
 anchored = HessianOperator(
     model, gpt_loss_fn, micro, mode="fd", fd_scheme="central", parallel=ctx, grad_fn=grad_fn
 )
-assert anchored.allow_anchor()
-sched_anchor = anchored.matvec(v)
+before = [p.detach().clone() for p in anchored.params]
+with solve_scope():  # as inside a host-basis solve: theta0 + h v left in place between products (lazy)
+    assert anchored.allow_anchor()
+    anchored.matvec(v)
+    sched_anchor = anchored.matvec(v)  # written over the first product's theta0 + h v, from theta0
 anchored.drop_anchor()
+assert all(torch.equal(p, b) for p, b in zip(anchored.params, before))  # theta0 back when the scope ended
 for spec, h, f, s, sa in zip(op.backend.specs, hv, fd, sched, sched_anchor):
     out["shards"][spec.name] = {
         "exact": h,

@@ -254,8 +254,18 @@ def test_anchor_refuses_a_step_that_is_not_a_power_of_two_before_writing():
     assert all(torch.equal(x, y) for x, y in zip(_bits(params), before))
     anchor.restore_()
     anchor.perturb_(v, 2.0**-3)
-    with pytest.raises(RuntimeError, match="restore_ first"):
-        anchor.perturb_(v, 2.0**-3)
-    assert not anchor.matches(params)  # perturbed: never taken for a fresh anchor's state
+    anchor.perturb_(v, 2.0**-2)  # over the last write (lazy restore): from theta0, not compounded
+    with torch.no_grad():
+        want = [torch.add(t0, vi.to(t0.dtype), alpha=2.0**-2) for t0, vi in zip(anchor.theta0, v)]
+    assert _same_bits(params, want) and anchor.matches(params)  # its own write
     anchor.restore_()
     assert anchor.matches(params) and all(torch.equal(x, y) for x, y in zip(_bits(params), before))
+    anchor.perturb_(v, 2.0**-3)
+    with torch.no_grad():
+        params[0].add_(1.0)  # moved while perturbed: kept, never overwritten by theta0
+    moved = _bits(params)
+    anchor.settle()
+    assert anchor.stale and not anchor.written
+    assert all(torch.equal(x, y) for x, y in zip(_bits(params), moved))
+    with pytest.raises(RuntimeError, match="stale"):
+        anchor.perturb_(v, 2.0**-3)
