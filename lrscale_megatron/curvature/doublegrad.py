@@ -42,6 +42,8 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 from torch.overrides import TorchFunctionMode
 
+from lrscale_megatron.curvature.doublegrad_linear import _Linear
+
 #: switch for the whole module (tests and ``benchmarks/exact_cost.py`` compare against PyTorch's own
 #: double backward by setting it to ``False``); read when an exact operator runs its forward
 ENABLED = True
@@ -308,7 +310,16 @@ def _layer_norm(x, normalized_shape, weight=None, bias=None, eps=1e-5, *rest):
     return _LayerNorm.apply(x, list(normalized_shape), weight, bias, eps)
 
 
+def _linear(x, weight, bias=None):
+    # only where at::linear runs addmm on the flattened input (bias, 2-d or contiguous input): the same
+    # kernels, so the loss and the first gradient are PyTorch's bit for bit
+    if bias is None or not _plain(x, weight, bias) or x.dim() < 2 or not (x.dim() == 2 or x.is_contiguous()):
+        return NotImplemented
+    return _Linear.apply(x, weight, bias)
+
+
 _ROUTES: dict[Any, Callable[..., Any]] = {
+    F.linear: _linear,
     F.gelu: _gelu,
     F.softmax: _softmax,
     torch.softmax: _softmax,

@@ -59,6 +59,19 @@ CASES = [
         "_LayerNormBackward",
     ),
     ("nn.LayerNorm weight only", None, [(2, 5, 8)], "_LayerNormBackward"),
+    ("linear", lambda x, w, b: F.linear(x, w, b).sin(), [(3, 4, 6), (5, 6), (5,)], "_LinearBackward"),
+    (
+        "linear 2-d",
+        lambda x, w, b: torch.tanh(F.linear(x, w, b)) ** 2,
+        [(4, 6), (5, 6), (5,)],
+        "_LinearBackward",
+    ),
+    (
+        "linear into gelu",
+        lambda x, w, b: F.gelu(F.linear(x, w, b)).cos(),
+        [(2, 3, 6), (7, 6), (7,)],
+        "_LinearBackward",
+    ),
 ]
 
 
@@ -105,6 +118,11 @@ def test_other_calls_go_to_pytorch_unchanged():
         typed = torch.softmax(x, -1, dtype=torch.float64)
         with torch.no_grad():
             plain = F.gelu(x)
+    w, b = torch.randn(5, 6, requires_grad=True), torch.randn(5, requires_grad=True)
+    with cheap_double_backward(True):  # where at::linear would not run addmm on the flattened input
+        no_bias = F.linear(x, w)
+        strided = F.linear(torch.randn(6, 3, 4).transpose(0, 2), w, b)
+    assert "_LinearBackward" not in _names(no_bias) | _names(strided)
     assert type(tanh_gelu.grad_fn).__name__ == "GeluBackward0"
     assert type(typed.grad_fn).__name__ == "SoftmaxBackward0"
     assert plain.grad_fn is None
