@@ -1,33 +1,45 @@
-"""Cheaper double backward for GELU, LayerNorm and softmax, used by exact Hessian-vector products.
+"""Cheaper double backward for linear layers, GELU, LayerNorm and softmax, used by exact Hessian-vector products.
 
 An exact product differentiates the first gradient (taken with ``create_graph=True``) once more. For a
 linear layer that second backward costs two matmuls per matmul of a forward + backward, which is the
-least reverse-over-reverse can do; the elementwise layers cost far more. PyTorch's double-backward
-formulas for ``gelu_backward``, ``native_layer_norm_backward`` and ``_softmax_backward_data`` are generic
-compositions of ~10 (GELU), ~40 (LayerNorm) and ~8 (softmax) full-size kernels, each allocating a new
-tensor: on the 834k-parameter TorchGPT at 2048 tokens they were ~40 % of an exact product (profile in
-docs/benchmarks.md, "exact product cost").
+least reverse-over-reverse can do; the rest costs far more. PyTorch's double-backward formulas for
+``gelu_backward``, ``native_layer_norm_backward`` and ``_softmax_backward_data`` are generic compositions
+of ~10 (GELU), ~40 (LayerNorm) and ~8 (softmax) full-size kernels, each allocating a new tensor, and
+recompute per product what depends on the parameters only; a linear layer's first backward is three
+nodes whose cotangents the autograd engine sums with full-size additions (profiles in docs/benchmarks.md,
+"exact product cost" and "exact product, fifth pass").
 
 :func:`cheap_double_backward` is a ``TorchFunctionMode`` active while the operator runs the forward whose
-gradient it will differentiate (exact mode only). It routes ``F.gelu`` (``approximate="none"``),
+gradient it will differentiate (exact mode; also on pipeline stages). It routes ``F.linear`` (with a bias,
+on a 2-d or contiguous input: :mod:`.doublegrad_linear`), ``F.gelu`` (``approximate="none"``),
 ``F.layer_norm`` / ``torch.layer_norm`` and ``softmax`` (``F.softmax``, ``torch.softmax``,
 ``Tensor.softmax``, without ``dtype``) of plain float tensors to autograd Functions whose forward and first
 backward call **the same ATen kernels** as PyTorch (the loss and the first gradient are bit for bit the
-same) and whose backward-of-backward is written out in closed form with few passes:
+same). An exact solve differentiates one graph many times, so the first (create-graph) backward also
+computes, once per solve, every factor of the second derivative that does not depend on the product's
+vector, and keeps it **in place of** the input it comes from (the retained graph is no larger than with
+PyTorch's formulas: tested). Each product is then a few passes:
 
-* GELU: ``d/dx [g gelu'(x)] = g phi(x) (2 - x^2)``, ``d/dg = gelu'(x)`` (``gelu_backward`` again).
-* softmax ``y``: the backward ``dz = y (dy - <dy, y>)``; its vjp with ``a`` is ``softmax_backward(a, y)``
-  for ``dy`` and ``a dy - <dy, y> a - <a, y> dy`` for ``y`` (then through the forward's own node).
-* LayerNorm: with ``xh = (x - mean) rstd``, ``gh = dy w`` and cotangents ``a`` (on ``dx``), ``cw``,
-  ``cb``: ``d/d dy`` is the layer norm's JVP ``w xh' + xh cw + cb`` with
-  ``xh' = rstd (a - mean(a) - xh mean(a xh))``; ``d/dw = sum_rows dy xh'``; ``d/dx`` is the second
-  derivative through ``xh`` and ``rstd`` (derivation in the function's comments).
+* GELU: kept ``gelu'(x)`` (the kernel's) and ``s = g phi(x) (2 - x^2)`` instead of ``x`` and ``g``:
+  ``d/dg = a gelu'(x)``, ``d/dx = a s``; the forward node's second backward is ``c gelu'(x)``.
+* softmax ``y``: the backward ``dz = y (dy - c)``, ``c = <dy, y>``; kept ``q = dy - c`` instead of ``dy``:
+  ``d/d dy = y (a - <a, y>)``, ``d/dy = (a - <a, y>) q`` (the dropped ``-<a, y> c`` is constant along
+  ``dim`` and ``y``'s only path, the softmax's own backward, maps it to zero).
+* LayerNorm: kept ``xh = (x - mean) rstd`` (instead of ``x``, also for the forward node, whose second
+  backward is the same kernel at mean 0, rstd 1, times rstd) and the row means of ``gh = dy w`` and
+  ``gh xh``. With cotangents ``a`` (on ``dx``), ``cw``, ``cb``: ``d/d dy`` is the layer norm's JVP
+  ``w xh' + xh cw + cb`` with ``xh' = rstd (a - mean(a) - xh mean(a xh))``; ``d/dw = sum_rows dy xh'``;
+  ``d/dx`` is the second derivative through ``xh`` and ``rstd``, assembled in one pass of four
+  ``addcmul_`` (derivation in the function's comments).
+* linear: ``d dy = a W^T + x cW^T + cb`` in one ``addmm`` and one ``addmm_`` (no engine additions).
 
-Anything else (tensor subclasses, ``approximate="tanh"``, a softmax ``dtype``, no grad mode, autocast,
-inside a custom Function's forward) goes to PyTorch unchanged. Third derivatives are not provided (the inner
-backwards are ``once_differentiable``); exact products need second derivatives only. Checked against
-PyTorch's own double backward in float64 (``tests/unit/test_doublegrad.py``) and by every exact-mode
-test against dense ``eigvalsh``.
+Anything else (tensor subclasses, ``approximate="tanh"``, a softmax ``dtype``, a linear layer without bias
+or on a strided input, no grad mode, autocast, inside a custom Function's forward) goes to PyTorch
+unchanged. The graph may be differentiated with ``create_graph=True`` once (a second create-graph backward
+through it, or a third derivative, raises; the inner backwards are ``once_differentiable``); exact products
+need second derivatives only. An input changed in place after the forward is caught as autograd would.
+Checked against PyTorch's own double backward in float64 (``tests/unit/test_doublegrad.py``) and by every
+exact-mode test against dense ``eigvalsh``.
 """
 
 from __future__ import annotations

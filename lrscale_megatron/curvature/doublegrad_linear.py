@@ -58,10 +58,14 @@ class _LinearGrad(torch.autograd.Function):
         ddy = dx = dw = None
         if need_dy:
             # d dy = a W^T + x cW^T + cb
+            # (a is None where dx is not used: an input that does not require grad, e.g. the first layer's)
             if a2 is not None:
-                ddy = torch.addmm(cb, a2, w.t()) if cb is not None else a2.mm(w.t())
+                ddy = a2.mm(w.t()) if cb is None else torch.addmm(cb, a2, w.t())
             if cw is not None:
-                ddy = x2.mm(cw.t()) if ddy is None else ddy.addmm_(x2, cw.t())
+                if ddy is None:
+                    ddy = x2.mm(cw.t()) if cb is None else torch.addmm(cb, x2, cw.t())
+                else:
+                    ddy.addmm_(x2, cw.t())
             if ddy is None and cb is not None:
                 ddy = cb.expand(dy2.shape).clone()
             if ddy is not None:

@@ -67,6 +67,12 @@ CASES = [
         "_LinearBackward",
     ),
     (
+        "linear of a constant",  # dx unused: its cotangent is None in the second backward
+        lambda w, b: F.linear(torch.linspace(-1, 1, 24, dtype=torch.float64).reshape(2, 2, 6), w, b).sin(),
+        [(5, 6), (5,)],
+        "_LinearBackward",
+    ),
+    (
         "linear into gelu",
         lambda x, w, b: F.gelu(F.linear(x, w, b)).cos(),
         [(2, 3, 6), (7, 6), (7,)],
