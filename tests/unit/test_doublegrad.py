@@ -59,6 +59,14 @@ CASES = [
         "_LayerNormBackward",
     ),
     ("nn.LayerNorm weight only", None, [(2, 5, 8)], "_LayerNormBackward"),
+    (
+        "layer_norm of a constant",  # dx unused: its cotangent is None in the second backward
+        lambda w, b: F.layer_norm(
+            torch.linspace(-1, 2, 24, dtype=torch.float64).reshape(4, 6).cos(), (6,), w, b
+        ).sin(),
+        [(6,), (6,)],
+        "_LayerNormBackward",
+    ),
     ("linear", lambda x, w, b: F.linear(x, w, b).sin(), [(3, 4, 6), (5, 6), (5,)], "_LinearBackward"),
     (
         "linear 2-d",
