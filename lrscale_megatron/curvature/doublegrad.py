@@ -54,7 +54,7 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 from torch.overrides import TorchFunctionMode
 
-from lrscale_megatron.curvature.doublegrad_linear import _Linear
+from lrscale_megatron.curvature.doublegrad_linear import _as, _Linear
 
 #: switch for the whole module (tests and ``benchmarks/exact_cost.py`` compare against PyTorch's own
 #: double backward by setting it to ``False``); read when an exact operator runs its forward
@@ -291,9 +291,10 @@ class _LayerNormGrad(torch.autograd.Function):
         if cb is not None and need_dy:
             cb1 = cb.reshape(n)
             ddy = cb1.expand(rows, n).clone() if ddy is None else ddy.add_(cb1)
-        out_dy = None if ddy is None else ddy.reshape(ctx.dyshape)
-        out_x = None if dx is None else dx.reshape(ctx.xshape)
-        out_w = None if dw is None or w1 is None else dw.reshape(ctx.shape)
+        # fresh contiguous results, not recorded as views (the engine then sums into them in place)
+        out_dy = None if ddy is None else _as(ddy, ctx.dyshape)
+        out_x = None if dx is None else _as(dx, ctx.xshape)
+        out_w = None if dw is None or w1 is None else _as(dw, ctx.shape)
         return out_dy, out_x, out_w, None, None, None, None, None, None
 
 

@@ -31,13 +31,19 @@ class _Linear(torch.autograd.Function):
         return _grads(dy, x, w, ctx.needs_input_grad)
 
 
+def _as(t: torch.Tensor, shape) -> torch.Tensor:
+    """``t.view(shape)`` for a fresh contiguous ``t``, not recorded as a view: the autograd engine sums a
+    gradient into a buffer in place only when nothing else holds its storage (a view holds its base)."""
+    return torch.ops.aten._unsafe_view(t, shape)
+
+
 def _grads(dy, x, w, need):
     # the kernels of AddmmBackward0 (mm_mat1_backward / mm_mat2_backward for a transposed weight) and of
     # the bias's ExpandBackward0 (sum_to), in the layout at::linear gives them
     dy2 = dy.reshape(-1, dy.shape[-1])
-    dx = dy2.mm(w).view(x.shape) if need[0] else None
+    dx = _as(dy2.mm(w), x.shape) if need[0] else None
     dw = dy2.t().mm(x.reshape(-1, x.shape[-1])) if need[1] else None
-    db = dy2.sum([0], keepdim=True).view(dy.shape[-1]) if need[2] else None
+    db = _as(dy2.sum([0], keepdim=True), dy.shape[-1:]) if need[2] else None
     return dx, dw, db
 
 
@@ -69,9 +75,9 @@ class _LinearGrad(torch.autograd.Function):
             if ddy is None and cb is not None:
                 ddy = cb.expand(dy2.shape).clone()
             if ddy is not None:
-                ddy = ddy.view(dy.shape)
+                ddy = _as(ddy, dy.shape)
         if need_x and cw is not None:
-            dx = dy2.mm(cw).view(x.shape)  # d/dx <cW, dy^T x>
+            dx = _as(dy2.mm(cw), x.shape)  # d/dx <cW, dy^T x>
         if need_w and a2 is not None:
             dw = dy2.t().mm(a2)  # d/dW <a, dy W>
         return ddy, dx, dw
