@@ -18,10 +18,13 @@ unit vector:
 * ``exact stock``: the same with PyTorch's own double-backward formulas (``doublegrad.ENABLED = False``
   while that operator builds its graph): the "before";
 * ``exact fresh``: ``reuse_graph=False`` (forward + create-graph backward + double backward per product);
-* ``jvp``: forward-over-reverse, ``torch.func.jvp(grad(L))`` (``mode="jvp"``).
+* ``jvp``: forward-over-reverse, ``torch.func.jvp(grad(L))`` (``mode="jvp"``);
+* ``linearize`` (``--linearize``, benchmark only, not an operator mode): ``torch.func.linearize(grad(L))``
+  traced once (the primal computed once per solve; its cost is reported as ``linearize_trace_ms``), then its
+  jvp graph replayed per product.
 
-Reported: median and min of each ratio to fwd+bwd, the median of the per-round ratio exact / exact stock
-(paired in the same round, so load swings cancel), and how far each product is from the default exact
+Reported: median and min of each ratio to fwd+bwd, the medians of the per-round ratios exact / fwd+bwd
+and exact / exact stock (paired in the same round, so load swings cancel), and how far each product is from the default exact
 product (max relative difference, float32). ``--profile`` prints torch.profiler op counts and self times
 per op type for one fwd+bwd, one stock and one default exact product. The script asserts that no reused
 graph is re-taken.
@@ -70,7 +73,33 @@ def _stock(fn):
     return inner
 
 
-def measure(quick: bool, bsz: int, repeats: int, profile: bool) -> dict:
+def _linearized(model, batch, v):
+    """(per-product function, tracing seconds) of ``torch.func.linearize`` of the gradient at the model's
+    parameters, on the script's clock."""
+    from torch.func import functional_call, grad, linearize
+
+    names = [n for n, _ in model.named_parameters()]
+    primals = {n: p.detach() for n, p in model.named_parameters()}
+
+    def loss_of(pd):
+        logits = functional_call(model, pd, (batch["tokens"],))
+        return torch.nn.functional.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), batch["labels"].reshape(-1)
+        )
+
+    t0 = CLOCK[0]()
+    _, jvp_fn = linearize(grad(loss_of), primals)
+    traced = CLOCK[0]() - t0
+    tangents = dict(zip(names, v))
+
+    def product():
+        hv = jvp_fn(tangents)
+        return [hv[n] for n in names]
+
+    return product, traced
+
+
+def measure(quick: bool, bsz: int, repeats: int, profile: bool, lin: bool = False) -> dict:
     model, batch = build(quick, bsz)
     params = list(model.parameters())
     ex = HessianOperator(copy.deepcopy(model), loss_fn, batch, mode="exact")
@@ -87,9 +116,12 @@ def measure(quick: bool, bsz: int, repeats: int, profile: bool) -> dict:
         "exact fresh": lambda: fr.matvec(v),
         "jvp": lambda: jv.matvec(v),
     }
+    traced = None
+    if lin:
+        fns["linearize"], traced = _linearized(copy.deepcopy(model), batch, v)
     ref = ex.matvec(v)  # builds the reused graph
     diffs = {}
-    for name in ("exact stock", "exact fresh", "jvp"):
+    for name in [k for k in fns if k not in ("fwd+bwd", "exact")]:
         hv = fns[name]()
         diffs[name] = max(float((a - b).abs().max()) for a, b in zip(hv, ref)) / max(
             float(a.abs().max()) for a in ref
@@ -115,7 +147,12 @@ def measure(quick: bool, bsz: int, repeats: int, profile: bool) -> dict:
         "max_rel_diff_to_exact": diffs,
         # per-round exact / exact stock (the same round: load swings cancel), median
         "exact_over_stock_paired": statistics.median(a / b for a, b in zip(t["exact"], t["exact stock"])),
+        # per-round exact / fwd+bwd (timed back to back in the same round), median
+        "exact_over_fwd_bwd_paired": statistics.median(a / b for a, b in zip(t["exact"], t["fwd+bwd"])),
     }
+    if traced is not None:
+        out["linearize_trace_ms"] = 1000 * traced
+        out["linearize_trace_over_fwd_bwd"] = traced / med["fwd+bwd"]
     if profile:
         tables = {k: _ops(fns[k]) for k in ("fwd+bwd", "exact stock", "exact")}
         keys = sorted(
@@ -134,25 +171,37 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     add_common_options(ap)
     ap.add_argument("--profile", action="store_true", help="also a per-op table (torch.profiler)")
+    ap.add_argument(
+        "--linearize",
+        action="store_true",
+        help="also torch.func.linearize of the gradient (traced per solve)",
+    )
     a = ap.parse_args()
     use_clock(a, CLOCK)
     res = {"load_before": os.getloadavg(), "threads": a.threads, "repeats": a.repeats, "clock": a.clock}
-    res["sizes"] = [measure(a.quick, b, a.repeats, a.profile) for b in a.batch]
+    res["sizes"] = [measure(a.quick, b, a.repeats, a.profile, a.linearize) for b in a.batch]
     res["load_after"] = os.getloadavg()
     print(json.dumps(res, indent=1))
     names = list(res["sizes"][0]["ratio_median"])
     print(
         "\n| tokens | fwd+bwd ms (median) | "
         + " | ".join(f"{n} / fwd+bwd median (min)" for n in names)
-        + " | exact / stock (paired) |"
+        + " | exact / fwd+bwd (paired) | exact / stock (paired) |"
     )
-    print("|---|---|" + "---|" * (len(names) + 1))
+    print("|---|---|" + "---|" * (len(names) + 2))
     for r in res["sizes"]:
         m, n = r["ratio_median"], r["ratio_min"]
         cells = " | ".join(f"{m[k]:.3f} ({n[k]:.3f})" for k in names)
         print(
-            f"| {r['tokens']} | {r['median_ms']['fwd+bwd']:.1f} | {cells} | {r['exact_over_stock_paired']:.3f} |"
+            f"| {r['tokens']} | {r['median_ms']['fwd+bwd']:.1f} | {cells} | "
+            f"{r['exact_over_fwd_bwd_paired']:.3f} | {r['exact_over_stock_paired']:.3f} |"
         )
+    for r in res["sizes"]:
+        if "linearize_trace_ms" in r:
+            print(
+                f"linearize at {r['tokens']} tokens: tracing {r['linearize_trace_ms']:.0f} ms per solve "
+                f"= {r['linearize_trace_over_fwd_bwd']:.1f} fwd+bwd"
+            )
     if a.profile:
         for r in res["sizes"]:
             print(f"\nper-op (count, self ms) at {r['tokens']} tokens: fwd+bwd | exact stock | exact")

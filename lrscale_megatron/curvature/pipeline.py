@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from lrscale_megatron.curvature.autodiff import refuse_untracked_backward, second_backward
+from lrscale_megatron.curvature.doublegrad import cheap_double_backward
 
 if TYPE_CHECKING:
     from lrscale_megatron.parallel import ParallelContext
@@ -90,11 +91,13 @@ def pipeline_hvp(
     ctx: ParallelContext, stage_fn: StageFn, batch: Any, params: list[torch.Tensor], v: Sequence[torch.Tensor]
 ) -> tuple[float, list[torch.Tensor]]:
     """Exact (H v) restricted to this stage's ``params`` for one micro-batch; see the module docstring."""
-    # 1. forward
+    # 1. forward (GELU / LayerNorm / softmax with the cheaper double backward of :mod:`.doublegrad`: the
+    # same loss and first gradient; the graph is differentiated once with create_graph, as they require)
     a = None
     if not ctx.is_first_stage:
         a = ctx.recv_prev().requires_grad_(True)
-    o = stage_fn(batch, a)
+    with cheap_double_backward():
+        o = stage_fn(batch, a)
     gamma = None
     if not ctx.is_last_stage:
         ctx.send_next(o)

@@ -49,7 +49,7 @@ def hvp_exact(op: HessianOperator, v: Vector) -> Vector:
         acc = None
         with op._evaluation(None):
             for _loss, g in graph[1]:
-                vp = [vi.to(w.dtype) for vi, w in zip(v, graph[2])]
+                vp = [vi if vi.dtype == w.dtype else vi.to(w.dtype) for vi, w in zip(v, graph[2])]
                 acc = op._accumulate(acc, _second(op, g, graph[2], vp, retain=True), n)
         op.last_loss = sum(loss for loss, _ in graph[1]) / n
         assert acc is not None
