@@ -13,7 +13,8 @@ nodes whose cotangents the autograd engine sums with full-size additions (profil
 gradient it will differentiate (exact mode; also on pipeline stages). It routes ``F.linear`` (with a bias,
 on a 2-d or contiguous input: :mod:`.doublegrad_linear`), ``F.gelu`` (``approximate="none"``),
 ``F.layer_norm`` / ``torch.layer_norm`` and ``softmax`` (``F.softmax``, ``torch.softmax``,
-``Tensor.softmax``, without ``dtype``) of plain float tensors to autograd Functions whose forward and first
+``Tensor.softmax``, without ``dtype``), ``matmul`` / ``@`` of two tensors with the same batch shape
+(:mod:`.doublegrad_bmm`) of plain float tensors to autograd Functions whose forward and first
 backward call **the same ATen kernels** as PyTorch (the loss and the first gradient are bit for bit the
 same). An exact solve differentiates one graph many times, so the first (create-graph) backward also
 computes, once per solve, every factor of the second derivative that does not depend on the product's
@@ -29,9 +30,8 @@ PyTorch's formulas: tested). Each product is then a few passes:
   backward is the same kernel at mean 0, rstd 1, times rstd) and the row means of ``gh = dy w`` and
   ``gh xh``. With cotangents ``a`` (on ``dx``), ``cw``, ``cb``: ``d/d dy`` is the layer norm's JVP
   ``w xh' + xh cw + cb`` with ``xh' = rstd (a - mean(a) - xh mean(a xh))``; ``d/dw = sum_rows dy xh'``;
-  ``d/dx`` is the second derivative through ``xh`` and ``rstd``, assembled in one pass of four
-  ``addcmul_`` (derivation in the function's comments).
-* linear: ``d dy = a W^T + x cW^T + cb`` in one ``addmm`` and one ``addmm_`` (no engine additions).
+  ``d/dx`` is the second derivative through ``xh`` and ``rstd``, in three full-size temporaries.
+* linear / bmm: ``d dy = a W^T + x cW^T + cb`` (``ca b + a cb``) in one matmul and one in place.
 
 Anything else (tensor subclasses, ``approximate="tanh"``, a softmax ``dtype``, a linear layer without bias
 or on a strided input, no grad mode, autocast, inside a custom Function's forward) goes to PyTorch
@@ -54,6 +54,7 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 from torch.overrides import TorchFunctionMode
 
+from lrscale_megatron.curvature.doublegrad_bmm import matmul as _bmm_matmul
 from lrscale_megatron.curvature.doublegrad_linear import _as, _Linear
 
 #: switch for the whole module (tests and ``benchmarks/exact_cost.py`` compare against PyTorch's own
@@ -245,48 +246,66 @@ class _LayerNormGrad(torch.autograd.Function):
         n, rows = ctx.n, ctx.rows
         need_dy, need_x, need_w = ctx.needs_input_grad[:3]
         ddy = dx = dw = None
-        # dx = xh c_xh + gh c_gh + a c_a + dy (cw r) + c_1, coefficients per row (derivation below)
+        # dx = xh c_xh + dy M - a c_a + c_1 with M = r cw - c_gh w (c_* per row; derivation below); the row
+        # means of products are matrix-vector products or reuse one scratch buffer, so a product allocates
+        # three full-size tensors (the old formulas: eight)
         c_xh = c_1 = c_gh = c_a = None
+        t1 = None  # scratch, rows x n
         if a is not None:
             a2 = a.reshape(rows, n)
             ma = a2.mean(1, keepdim=True)
-            m_ax = (a2 * xh).mean(1, keepdim=True)
-            if need_dy or need_w:
-                # xh' = rstd (a - mean(a) - xh mean(a xh)): the JVP of xh in direction a
-                xhd = (a2 - ma).addcmul_(xh, m_ax, value=-1.0).mul_(r)
+            t1 = a2 * xh
+            m_ax = t1.mean(1, keepdim=True)
+            # xh' = rstd (a - mean(a) - xh mean(a xh)) = rstd x0: the JVP of xh in direction a
+            x0 = (a2 - ma).addcmul_(xh, m_ax, value=-1.0)
+            m_gx0 = None
+            if need_w or need_x:
+                p0 = dy2 * x0
                 if need_w:
-                    dw = (dy2 * xhd).sum(0)
-                if need_dy:
-                    ddy = xhd.mul_(w1) if w1 is not None else xhd
-                del xhd
+                    dw = r.reshape(1, rows).mm(p0).reshape(n)  # sum_rows dy xh'
+                if need_x:  # mean(gh x0), gh = dy w
+                    m_gx0 = (p0.sum(1, keepdim=True) if w1 is None else p0.mv(w1).unsqueeze(1)).div_(n)
+                t1 = p0  # the larger scratch is free again
+            if need_dy:
+                ddy = x0.mul_(r) if w1 is None else x0.mul_(r).mul_(w1)
+            del x0
             if need_x:
                 # T = <gh, xh'(a)> as a function of x (through xh and rstd):
                 # dT/dx = -r^2 [m_ga xh + m_ax (gh - mean(gh)) + m_gx (a - mean(a))] + 3 r^2 m_gx m_ax xh,
-                # m_ga = mean(gh (a - mean(a))), m_gx = mean(gh xh)
+                # m_ga = mean(gh (a - mean(a))) = mean(gh x0) + m_gx m_ax, m_gx = mean(gh xh)
                 r2 = r * r
-                gh = dy2 if w1 is None else dy2 * w1
-                m_ga = (gh * a2).mean(1, keepdim=True).sub_(mg * ma)
-                c_xh = r2 * (3.0 * m_gx * m_ax - m_ga)
+                c_xh = r2 * (2.0 * m_gx * m_ax - m_gx0)
                 c_gh, c_a = r2 * m_ax, r2 * m_gx
                 c_1 = r2 * (m_ax * mg + m_gx * ma)
-        h = None
+        rcw = None
         if cw is not None:
             cw1 = cw.reshape(n)
             if need_dy:
                 ddy = xh * cw1 if ddy is None else ddy.addcmul_(xh, cw1)
             if need_x:
                 # <dy cw, xh> through xh: rstd (h - mean(h) - xh mean(h xh)), h = dy cw
-                h = dy2 * cw1
-                rm_hx = (h * xh).mean(1, keepdim=True).mul_(r)
-                rm_h = h.mean(1, keepdim=True).mul_(r)
+                t1 = torch.mul(xh, cw1, out=t1) if t1 is not None else xh * cw1
+                rm_hx = t1.mul_(dy2).mean(1, keepdim=True).mul_(r)
+                rm_h = dy2.mv(cw1).unsqueeze(1).div_(n).mul_(r)
                 c_xh = -rm_hx if c_xh is None else c_xh.sub_(rm_hx)
                 c_1 = -rm_h if c_1 is None else c_1.sub_(rm_h)
+                rcw = (r, cw1)
         if need_x and c_xh is not None:
             dx = xh * c_xh
+            m = None  # M = r cw - c_gh w: the terms of dy in one pass
+            if rcw is not None:
+                m = torch.mul(r, cw1, out=t1) if t1 is not None else r * cw1
             if c_gh is not None:
-                dx.addcmul_(gh, c_gh, value=-1.0).addcmul_(a2, c_a, value=-1.0)
-            if h is not None:
-                dx.addcmul_(h, r)
+                if m is None:
+                    m = -c_gh if w1 is None else c_gh * -w1
+                elif w1 is None:
+                    m.sub_(c_gh)
+                else:
+                    m.addcmul_(c_gh, w1, value=-1.0)
+            if m is not None:
+                dx.addcmul_(dy2, m)
+            if c_a is not None:
+                dx.addcmul_(a2, c_a, value=-1.0)
             dx.add_(c_1)
         if cb is not None and need_dy:
             cb1 = cb.reshape(n)
@@ -331,7 +350,16 @@ def _linear(x, weight, bias=None):
     return _Linear.apply(x, weight, bias)
 
 
+def _matmul(x, y):
+    if not _plain(x, y):
+        return NotImplemented
+    return _bmm_matmul(x, y)
+
+
 _ROUTES: dict[Any, Callable[..., Any]] = {
+    torch.matmul: _matmul,
+    torch.Tensor.matmul: _matmul,
+    torch.Tensor.__matmul__: _matmul,
     F.linear: _linear,
     F.gelu: _gelu,
     F.softmax: _softmax,

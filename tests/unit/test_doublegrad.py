@@ -1,4 +1,4 @@
-"""The cheaper double backward of GELU / LayerNorm / softmax (curvature/doublegrad.py) against PyTorch's own
+"""The cheaper double backward of GELU / LayerNorm / softmax / linear / matmul (curvature/doublegrad.py) against PyTorch's own
 double-backward formulas (float64), and the exact Hessian-vector product built on it against the stock one
 and a dense Hessian."""
 
@@ -86,6 +86,21 @@ CASES = [
         [(2, 3, 6), (7, 6), (7,)],
         "_LinearBackward",
     ),
+    ("matmul 3-d", lambda a, b: torch.matmul(a, b).sin(), [(3, 4, 5), (3, 5, 2)], "_BmmBackward"),
+    (
+        "attention core",  # q @ k^T on transposed views, softmax, @ v: strided inputs, reshaped copies
+        lambda q, k, v: (
+            (q.transpose(1, 2) @ k.transpose(1, 2).transpose(-2, -1)).softmax(-1) @ v.transpose(1, 2)
+        ).cos(),
+        [(2, 5, 3, 4), (2, 5, 3, 4), (2, 5, 3, 4)],
+        "_BmmBackward",
+    ),
+    (
+        "Tensor.matmul of a constant",  # one operand constant: the other's cotangent is None
+        lambda b: torch.linspace(-1, 1, 24, dtype=torch.float64).reshape(2, 3, 4).cos().matmul(b).tanh(),
+        [(2, 4, 5)],
+        "_BmmBackward",
+    ),
 ]
 
 
@@ -120,7 +135,8 @@ def test_double_backward_passes_gradcheck():
 
     def f(x, w, b):
         with cheap_double_backward(True):
-            return F.gelu(F.layer_norm(x, (4,), w, b)).softmax(-1)
+            y = F.gelu(F.layer_norm(x, (4,), w, b)).softmax(-1)
+            return (y.unsqueeze(0) @ y.t().unsqueeze(0)).squeeze(0)
 
     assert torch.autograd.gradgradcheck(f, (x, w, b))
 
@@ -137,6 +153,10 @@ def test_other_calls_go_to_pytorch_unchanged():
         no_bias = F.linear(x, w)
         strided = F.linear(torch.randn(6, 3, 4).transpose(0, 2), w, b)
     assert "_LinearBackward" not in _names(no_bias) | _names(strided)
+    with cheap_double_backward(True):  # broadcasting or mixed dims: matmul's other paths
+        bcast = torch.randn(2, 3, 4, 6, requires_grad=True) @ torch.randn(1, 3, 6, 5)
+        mixed = torch.randn(3, 4, 6, requires_grad=True) @ torch.randn(6, 5)
+    assert "_BmmBackward" not in _names(bcast) | _names(mixed)
     assert type(tanh_gelu.grad_fn).__name__ == "GeluBackward0"
     assert type(typed.grad_fn).__name__ == "SoftmaxBackward0"
     assert plain.grad_fn is None
