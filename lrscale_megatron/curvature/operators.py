@@ -266,21 +266,21 @@ class HessianOperator(AnchorLoan):
     def _accumulate(
         self, acc: list[torch.Tensor] | None, ts: Sequence[torch.Tensor | None], n: int, fresh: bool = True
     ) -> list[torch.Tensor]:
-        """``acc += ts / n`` in the vector dtype. The first call adopts ``ts`` when they are ``fresh``
-        (new, non-aliased autograd outputs): no extra gradient-sized buffer."""
-        w = 1.0 / n
+        """``acc += ts / n`` in the vector dtype. The first call adopts ``ts`` when they are ``fresh`` (new
+        autograd outputs; contiguous ones each once, also views such as a reshape): no extra buffer."""
+        w, dtype = 1.0 / n, self.backend.dtype
         if acc is None:
             out: list[torch.Tensor] = []
             seen: set[int] = set()  # autograd may return one tensor for two inputs (both sides of an add)
             for t, p in zip(ts, self.params):
                 if t is None:
-                    out.append(torch.zeros(p.shape, dtype=self.backend.dtype, device=self.backend.device))
+                    out.append(torch.zeros(p.shape, dtype=dtype, device=self.backend.device))
                     continue
-                t = t.detach()
-                if not fresh or t._base is not None or not t.is_contiguous() or t.data_ptr() in seen:
-                    t = t.to(self.backend.dtype, copy=True).contiguous()
-                else:
-                    t = t.to(self.backend.dtype)
+                t = t.detach() if t.requires_grad else t  # no new alias per tensor (~0.5 us each)
+                if not fresh or not t.is_contiguous() or t.data_ptr() in seen:
+                    t = t.to(dtype, copy=True).contiguous()
+                elif t.dtype != dtype:
+                    t = t.to(dtype)
                 seen.add(t.data_ptr())
                 out.append(t.mul_(w) if n > 1 else t)
             return out
