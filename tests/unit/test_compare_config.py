@@ -104,7 +104,11 @@ def test_an_online_runs_cache_key_covers_the_online_defaults(monkeypatch: pytest
     from lrscale_megatron.online_config import OnlineConfig
 
     cfg = compare_config_from_dict(
-        {**BASE, "train_config": str(ROOT / "configs/gpt/cpu-tiny.json"), "lrscale": {"law": None, "peak_lr": 1e-3}}
+        {
+            **BASE,
+            "train_config": str(ROOT / "configs/gpt/cpu-tiny.json"),
+            "lrscale": {"law": None, "peak_lr": 1e-3},
+        }
     )
     online, offline = RunSpec("lrscale_online", 1e-3, 0), RunSpec("lrscale", 1e-3, 0)
     before = (run_id(online, train_config_for(cfg, online)), run_id(offline, train_config_for(cfg, offline)))
@@ -113,7 +117,10 @@ def test_an_online_runs_cache_key_covers_the_online_defaults(monkeypatch: pytest
     monkeypatch.setattr(field, "default", int(field.default) + 7)
     OnlineConfig.model_rebuild(force=True)
     try:
-        after = (run_id(online, train_config_for(cfg, online)), run_id(offline, train_config_for(cfg, offline)))
+        after = (
+            run_id(online, train_config_for(cfg, online)),
+            run_id(offline, train_config_for(cfg, offline)),
+        )
     finally:
         monkeypatch.undo()
         OnlineConfig.model_rebuild(force=True)

@@ -114,7 +114,24 @@ def test_add_lrscale_args_extends_megatron_parser():
 def test_gauge_policy_flags_reach_the_online_config():
     p = lrs_mg.add_lrscale_args(argparse.ArgumentParser())
     args = p.parse_args(
-        ["--lrscale-online", "--lrscale-cut-above", "3", "--lrscale-raise-below", "0.2", "--lrscale-no-confirm-cuts", "--lrscale-max-cut", "4", "--lrscale-warmup-checks", "3", "--lrscale-warmup-tol", "0.05", "--lrscale-kappa", "5.1", "--lrscale-curvature-peak", "curv"]
+        [
+            "--lrscale-online",
+            "--lrscale-cut-above",
+            "3",
+            "--lrscale-raise-below",
+            "0.2",
+            "--lrscale-no-confirm-cuts",
+            "--lrscale-max-cut",
+            "4",
+            "--lrscale-warmup-checks",
+            "3",
+            "--lrscale-warmup-tol",
+            "0.05",
+            "--lrscale-kappa",
+            "5.1",
+            "--lrscale-curvature-peak",
+            "curv",
+        ]
     )
     args.global_batch_size = 4
     o = lrs_mg.config_from_megatron_args(
