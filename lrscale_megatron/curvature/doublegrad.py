@@ -99,9 +99,8 @@ class _Gelu(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         gp = getattr(ctx, "gp", None)
-        if (
-            gp is not None
-        ):  # after the create-graph backward: a second backward (grad off) through the forward
+        # after the create-graph backward: a second backward (grad off) through the forward node
+        if gp is not None:
             if torch.is_grad_enabled():
                 raise RuntimeError(_ONCE.format(what="gelu"))
             return g * gp
