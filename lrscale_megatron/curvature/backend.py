@@ -20,9 +20,10 @@ layouts up to rounding.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -87,6 +88,11 @@ class VectorBackend:
     #: measurement (model- and data-parallel), so that all of them choose the same Lanczos basis mode
     #: (:meth:`host_basis`); set by :meth:`lrscale_megatron.parallel.ParallelContext.backend`.
     agree: Callable[[torch.Tensor], None] | None = None
+    #: the vectors are kept in host memory apart from the model's device (:meth:`keep_on_host`):
+    #: allocations are then marked as host for the memory accounting (:meth:`allocation`)
+    host: bool = False
+    #: host vectors are page-locked (the model is on CUDA: asynchronous copies)
+    pin: bool = False
 
     def __init__(
         self,
@@ -101,6 +107,26 @@ class VectorBackend:
         self.dtype = dtype
         self.device = torch.device(device)
         self._all_reduce = all_reduce
+
+    def keep_on_host(self, pin: bool = False) -> VectorBackend:
+        """Keep the vectors in host memory (``HessianOperator(vectors="host")``): :attr:`device` becomes the
+        CPU, and ``pin`` (the model is on CUDA) allocates new vectors page-locked. Inner products are still
+        reduced on the parallel context's device (:class:`~lrscale_megatron.parallel.ParallelContext`
+        copies the float64 scalars there). Returns ``self``."""
+        self.device, self.host, self.pin = torch.device("cpu"), True, bool(pin)
+        return self
+
+    @contextlib.contextmanager
+    def allocation(self) -> Iterator[None]:
+        """Tensors made inside are host memory when :attr:`host` (counted apart by
+        :class:`~lrscale_megatron.curvature.memtrack.HostDeviceBytes`); a no-op for device vectors."""
+        if not self.host:
+            yield
+            return
+        from lrscale_megatron.curvature.hostbasis import host_allocation
+
+        with host_allocation():
+            yield
 
     @property
     def eps(self) -> float:
@@ -121,7 +147,8 @@ class VectorBackend:
                     f"{what}[{i}] ({spec.name}) has shape {tuple(t.shape)}, expected this rank's shard "
                     f"shape {tuple(spec.shape)}"
                 )
-        return [t.to(dtype=self.dtype, device=self.device) for t in v]
+        with self.allocation():
+            return [t.to(dtype=self.dtype, device=self.device) for t in v]
 
     # ------------------------------------------------------------------ reductions
     def local_dot(self, x: Vector, y: Vector) -> torch.Tensor:
@@ -131,7 +158,7 @@ class VectorBackend:
         float64 temporaries are chunk-sized, never parameter-sized (a 13B model's embedding would
         otherwise need two multi-GiB float64 copies per inner product).
         """
-        s = torch.zeros((), dtype=torch.float64, device=self.device)
+        s = torch.zeros((), dtype=torch.float64, device=x[0].device if len(x) else self.device)
         for spec, a, b in zip(self.specs, x, y):
             if spec.owned:
                 s += _chunked_dot(a, b)
@@ -172,7 +199,8 @@ class VectorBackend:
     # ------------------------------------------------------------------ arithmetic (no communication)
     def axpy(self, a: float, x: Vector, y: Vector) -> Vector:
         """Returns ``y + a * x`` (new tensors)."""
-        return [yi + a * xi for xi, yi in zip(x, y)]
+        with self.allocation():
+            return [yi + a * xi for xi, yi in zip(x, y)]
 
     def axpy_(self, a: float, x: Vector, y: Vector) -> Vector:
         """In place: ``y += a * x``; returns ``y``."""
@@ -181,7 +209,8 @@ class VectorBackend:
         return y
 
     def scale(self, a: float, x: Vector) -> Vector:
-        return [a * xi for xi in x]
+        with self.allocation():
+            return [a * xi for xi in x]
 
     def scale_(self, a: float, x: Vector) -> Vector:
         """In place: ``x *= a``; returns ``x``."""
@@ -190,10 +219,15 @@ class VectorBackend:
         return x
 
     def clone(self, x: Vector) -> Vector:
-        return [xi.clone() for xi in x]
+        with self.allocation():
+            return [xi.clone() for xi in x]
 
     def zeros(self) -> Vector:
-        return [torch.zeros(s.shape, dtype=self.dtype, device=self.device) for s in self.specs]
+        with self.allocation():
+            return [
+                torch.zeros(s.shape, dtype=self.dtype, device=self.device, pin_memory=self.pin)
+                for s in self.specs
+            ]
 
     def combine(self, coeffs: Sequence[float], basis: Sequence[Vector]) -> Vector:
         """Σ_i coeffs[i] · basis[i] (e.g. a Ritz vector from Lanczos vectors)."""
@@ -233,18 +267,20 @@ class VectorBackend:
         and rounding, 6 vs 23 ms on 834k parameters), so a float32 and a float64 backend draw different
         numbers for the same seed; every layout of one dtype draws the same vector."""
         out = []
-        for s in self.specs:
-            full = torch.randn(s.full_shape, generator=self._generator(seed, s.name), dtype=self.dtype)
-            out.append(s.shard(full).to(device=self.device))
+        with self.allocation():
+            for s in self.specs:
+                full = torch.randn(s.full_shape, generator=self._generator(seed, s.name), dtype=self.dtype)
+                out.append(s.shard(full).to(device=self.device))
         return out
 
     def rademacher(self, seed: int) -> Vector:
         """±1 vector (Hutchinson probes), seeded like :meth:`randn`."""
         out = []
-        for s in self.specs:
-            g = self._generator(seed, s.name)
-            full = torch.randint(0, 2, s.full_shape, generator=g, dtype=torch.int8).to(torch.float64)
-            out.append(s.shard(full * 2.0 - 1.0).to(dtype=self.dtype, device=self.device))
+        with self.allocation():
+            for s in self.specs:
+                g = self._generator(seed, s.name)
+                full = torch.randint(0, 2, s.full_shape, generator=g, dtype=torch.int8).to(torch.float64)
+                out.append(s.shard(full * 2.0 - 1.0).to(dtype=self.dtype, device=self.device))
         return out
 
     # ------------------------------------------------------------------ basis kept in host memory

@@ -48,12 +48,17 @@ HOST_ALLOCATION: contextvars.ContextVar[bool] = contextvars.ContextVar("host_all
 
 
 @contextlib.contextmanager
-def _host_allocation() -> Iterator[None]:
-    token = HOST_ALLOCATION.set(True)
+def host_allocation(on: bool = True) -> Iterator[None]:
+    """Tensors made inside are counted as host memory (``on``) or as device memory (``on=False``: the
+    device evaluation of a host-vector product, :mod:`.hostvectors`) by ``memtrack.HostDeviceBytes``."""
+    token = HOST_ALLOCATION.set(on)
     try:
         yield
     finally:
         HOST_ALLOCATION.reset(token)
+
+
+_host_allocation = host_allocation
 
 
 def _meminfo_available() -> int | None:
@@ -194,9 +199,13 @@ class HostBasis:
         float64 once each, ``acc += Q_slice X_slice^T`` (float64 products of float32 entries are exact):
         ``m + len(xs)`` conversions per slice instead of ``2 m len(xs)``, and ~70 slices instead of
         ``m`` x 52 per-tensor calls on the 834k GPT (float64 temporaries: ``m + len(xs)`` slices)."""
+        m = len(self.rows) if rows is None else rows
+        with self.be.allocation():  # host vectors: the float64 slices are host temporaries too
+            return self._dots(xs, m)
+
+    def _dots(self, xs: Sequence[Vector], m: int) -> list[list[float]]:
         from lrscale_megatron.curvature.backend import DOT_CHUNK
 
-        m = len(self.rows) if rows is None else rows
         dev = self.be.device
         acc = torch.zeros((m, len(xs)), dtype=torch.float64, device=dev)
         if m and xs:

@@ -31,7 +31,9 @@ micro-batches and over data-parallel replicas) to a per-parameter vector, in one
   parameters in every product. bfloat16/float16 parameters are refused with a ``grad_fn``.
 * ``"jvp"`` -- forward-over-reverse with ``torch.func.jvp(grad(L))``; plain PyTorch models only.
 
-Every evaluation of the loss is deterministic: dropout off and random generators fixed and restored
+``vectors="host"`` (fd, bf16/fp16) keeps the solver's vectors in host memory, ``batch_split=n`` evaluates
+a micro-batch in ``n`` parts: the device holds the fp32 substitutes and one part's fp32 fwd+bwd only. Every
+evaluation of the loss is deterministic: dropout off, random generators fixed and restored
 (:func:`.evaluation.deterministic_loss`). Vectors are float32 (float64 for float64 models) per-parameter
 tensors. :class:`PreconditionedOperator` gives Adam's ``P^-1/2 H P^-1/2`` with ``P = diag(sqrt(v̂) +
 eps)`` (Cohen et al. 2022, "Adaptive gradient methods at the edge of stability").
@@ -48,8 +50,10 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch.utils._pytree import tree_map
 
+from lrscale_megatron.curvature import hostvectors
 from lrscale_megatron.curvature.anchor import AnchorLoan
 from lrscale_megatron.curvature.backend import Vector, VectorBackend
+from lrscale_megatron.curvature.batchsplit import microbatches
 from lrscale_megatron.curvature.blocks import select_params
 from lrscale_megatron.curvature.evaluation import (
     LOW_PRECISION,
@@ -58,6 +62,7 @@ from lrscale_megatron.curvature.evaluation import (
     substituted,
     upcast_rest,
 )
+from lrscale_megatron.curvature.operator_args import FD_RESTORE, FD_SCHEMES, MODES, check_args  # noqa: F401
 from lrscale_megatron.curvature.preconditioned import PreconditionedOperator  # noqa: F401  (re-export)
 from lrscale_megatron.curvature.solve_scope import DIRTY, settle_all
 
@@ -68,13 +73,6 @@ logger = logging.getLogger(__name__)
 
 LossFn = Callable[[torch.nn.Module, Any], torch.Tensor]
 GradFn = Callable[[], "tuple[float, list[torch.Tensor]]"]
-MODES = ("exact", "fd", "jvp")
-FD_SCHEMES = ("forward", "central")
-FD_RESTORE = ("auto", "subtract", "copy")
-
-
-def _is_microbatch_list(batch: Any) -> bool:
-    return isinstance(batch, list) and len(batch) > 0 and not isinstance(batch[0], (int, float))
 
 
 class HessianOperator(AnchorLoan):
@@ -107,6 +105,10 @@ class HessianOperator(AnchorLoan):
             ``"subtract"``; ``"subtract"`` subtracts ``h v`` again, exact by a check made before
             perturbing (:mod:`.perturb`; no parameter copy: the second-pass measurement stays within 4
             vectors); ``"copy"`` copies the parameters in every product (one more vector).
+        vectors: ``"device"`` (default) or ``"host"``: the solver's vectors (``q``, products, the base
+            gradient) in host memory, page-locked on CUDA (fd, bf16/fp16 parameters; :mod:`.hostvectors`).
+        batch_split: evaluate each micro-batch in this many equal parts along dim 0 (:mod:`.batchsplit`;
+            not with a ``grad_fn``).
     """
 
     returns_new_tensors = True
@@ -128,21 +130,14 @@ class HessianOperator(AnchorLoan):
         eval_mode: bool = True,
         reuse_graph: bool | None = None,
         fd_restore: str = "auto",
+        vectors: str = "device",
+        batch_split: int = 1,
     ) -> None:
-        if mode not in MODES:
-            raise ValueError(f"HessianOperator mode={mode!r} is not one of {MODES}")
-        if fd_scheme not in FD_SCHEMES:
-            raise ValueError(f"HessianOperator fd_scheme={fd_scheme!r} is not one of {FD_SCHEMES}")
-        if fd_eps is not None and not (fd_eps > 0 and math.isfinite(fd_eps)):
-            raise ValueError(f"HessianOperator fd_eps={fd_eps!r} must be a positive finite number")
-        if fd_restore not in FD_RESTORE:
-            raise ValueError(f"HessianOperator fd_restore={fd_restore!r} is not one of {FD_RESTORE}")
+        check_args(mode, fd_scheme, fd_eps, fd_restore, grad_fn, batch_split)
         self.fd_restore = fd_restore
-        if grad_fn is not None and mode != "fd":
-            raise ValueError(f"grad_fn is only used with mode='fd' (got mode={mode!r})")
         self.model = model
         self.loss_fn = loss_fn
-        self.microbatches = list(batch) if _is_microbatch_list(batch) else [batch]
+        self.microbatches = microbatches(batch, batch_split)
         self.mode = mode
         if parallel is None:
             from lrscale_megatron.parallel import ParallelContext
@@ -169,6 +164,7 @@ class HessianOperator(AnchorLoan):
             )
         vdtype = torch.float64 if pdtype == torch.float64 else torch.float32
         self.backend: VectorBackend = self.parallel.backend(self.named_params, vdtype, self.params[0].device)
+        hostvectors.place(self, vectors)  # checked; vectors="host": the backend keeps them in host memory
         self._tied = self.parallel.tied_embedding_indices(self.named_params)
         u = torch.finfo(vdtype).eps / 2
         self.fd_eps = (
@@ -303,6 +299,8 @@ class HessianOperator(AnchorLoan):
         ``leaves`` (tensors standing in for them). Where :attr:`can_scale_grad`, the gradient comes
         multiplied by ``grad_scale`` (the backward's seed: no extra pass; exact for a power of two)."""
         settle_all()  # at theta: no fd anchor left dirty by a product (:mod:`.anchor`, lazy restore)
+        if self.backend.host and leaves is None:  # the gradient in host memory (:mod:`.hostvectors`)
+            return hostvectors.host_gradient(self, grad_scale)
         return self._gradient(leaves, grad_scale)
 
     def _gradient(self, leaves: list[torch.Tensor] | None = None, grad_scale: float = 1.0):
@@ -392,6 +390,7 @@ class HessianOperator(AnchorLoan):
             eval_mode=self.eval_mode,
             reuse_graph=self.reuse_graph,
             fd_restore=self.fd_restore,
+            vectors="host" if self.backend.host else "device",
         )
 
     @property

@@ -66,7 +66,9 @@ class PreconditionedOperator:
             )
         self.op = op
         self.backend = op.backend
-        roots = [torch.sqrt(v.detach().to(op.backend.dtype).clamp_min(0)) for v in second_moments]
+        with op.backend.allocation():  # the scale lives with the vectors (host memory: vectors="host")
+            be = op.backend
+            roots = [torch.sqrt(v.detach().to(be.device, be.dtype).clamp_min(0)) for v in second_moments]
         dim = self.backend.dim
         rms = self.backend.norm(roots) / math.sqrt(dim) if dim else 0.0
         floor = ROUNDOFF_ULPS * self.backend.eps * rms
@@ -125,7 +127,10 @@ class PreconditionedOperator:
 
     def matvec(self, v: Vector) -> Vector:
         self.n_matvec += 1
-        w = self.op.matvec([vi * s for vi, s in zip(v, self.scale)])
-        return [wi * s for wi, s in zip(w, self.scale)]
+        with self.backend.allocation():
+            u = [vi * s for vi, s in zip(v, self.scale)]
+        w = self.op.matvec(u)
+        with self.backend.allocation():
+            return [wi * s for wi, s in zip(w, self.scale)]
 
     __call__ = matvec

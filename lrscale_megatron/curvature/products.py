@@ -147,6 +147,10 @@ def _param_norm(op: HessianOperator) -> float:
 def _grad_at(op: HessianOperator, v: Vector, h: float, scale: float) -> tuple[Vector, bool]:
     """The gradient at ``θ + h v``, multiplied by ``scale`` where the backward can do it for free
     (second value ``True``; not through a user ``grad_fn`` or a pipeline schedule)."""
+    if op.upcast and op.backend.host:  # host vectors: device leaves from v, the gradient back on the host
+        from lrscale_megatron.curvature.hostvectors import host_gradient
+
+        return host_gradient(op, scale, v, h)[1], op.can_scale_grad
     if op.upcast:  # bf16/fp16: evaluate at float32 substitutes so that h*v is not rounded away
         leaves = op._leaves(v, h)
         try:

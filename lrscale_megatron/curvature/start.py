@@ -35,7 +35,10 @@ def operator_gradient(op: Any) -> Vector | None:
 
     if isinstance(op, PreconditionedOperator):
         g = operator_gradient(op.op)
-        return None if g is None else [gi * s for gi, s in zip(g, op.scale)]
+        if g is None:
+            return None
+        with op.backend.allocation():  # host memory with vectors="host"
+            return [gi * s for gi, s in zip(g, op.scale)]
     fn = getattr(op, "base_gradient", None)
     return None if fn is None else fn()
 
