@@ -6,6 +6,7 @@ One process, CPU (no GPU needed; counts tensor storages, not the allocator)::
     python benchmarks/curvature_memory.py                # TorchGPT ~0.9M params, float32 and bf16
     python benchmarks/curvature_memory.py --quick        # tiny model: smoke run
     python benchmarks/curvature_memory.py --max-iter 10 20 40
+    python benchmarks/curvature_memory.py --max-iter 10 20 --threads 1 --no-cost --host-cost --clock thread
 
 Memory: :class:`lrscale_megatron.curvature.memtrack.LiveTensorBytes` records the bytes of every tensor
 storage allocated inside a block and alive at once (activations, gradients, Krylov vectors, autograd
@@ -19,6 +20,14 @@ measurement's *device* peak over the training step's (what the measurement adds)
 bytes, apart
 (:class:`~lrscale_megatron.curvature.memtrack.HostDeviceBytes`; on this CPU both are the same RAM), in
 bytes and in units of parameter bytes.
+
+bf16 also with ``vectors="host"`` (the solver's vectors in host memory, :mod:`lrscale_megatron.curvature.hostvectors`)
+at the training's micro-batch (``split=1``) and with ``batch_split`` 2 and 4 (the held batch evaluated in
+parts).
+
+``--host-cost``: one bf16 fd product with device vectors, with host vectors, and with host vectors and
+``batch_split=2``, timed interleaved (``--repeats`` rounds, ``--clock``); on this CPU a host copy is a memory
+copy, a GPU adds two PCIe transfers a product (not measured here).
 
 Cost: fwd+bwd, one fd product (base gradient cached; ``subtract`` and ``copy`` restore), one exact
 product (first-gradient graph reused) on a unit vector, and the host basis's per-step traffic (store a
@@ -61,17 +70,27 @@ def memory(quick: bool, dtype: torch.dtype, iters: list[int]) -> dict:
     train = mem.peak
     out = {"dtype": str(dtype).removeprefix("torch."), "params": sum(p.numel() for p in model.parameters())}
     out["param_bytes"], out["train_peak_x"] = pbytes, train / pbytes
-    runs = [("auto", "recompute"), ("auto", "host"), ("subtract", "host")]
+    runs: list[tuple[str, str, str, int]] = [
+        ("auto", "recompute", "device", 1),
+        ("auto", "host", "device", 1),
+        ("subtract", "host", "device", 1),
+    ]
     if dtype == torch.float32:
-        runs.append(("copy", "recompute"))
-    for restore, basis in runs:
+        runs.append(("copy", "recompute", "device", 1))
+    else:
+        runs += [("auto", basis, "host", s) for s in (1, 2, 4) for basis in ("host", "recompute")]
+    for restore, basis, vectors, split in runs:
         for m in iters:
-            op = HessianOperator(model, loss_fn, batch, mode="fd", fd_restore=restore)
+            op = HessianOperator(
+                model, loss_fn, batch, mode="fd", fd_restore=restore, vectors=vectors, batch_split=split
+            )
             with HostDeviceBytes() as mem:
                 r = lanczos(op, k=1, max_iter=m, tol=0.0, seed=0, return_vectors=True, basis=basis)  # type: ignore[arg-type]
                 op.release()
                 del r
-            key = f"{restore}, basis={basis}"
+            key = f"{restore}, basis={basis}" + (
+                f", vectors=host, split={split}" if vectors == "host" else ""
+            )
             out[f"{key}: device extra_over_train_x@{m}"] = (mem.peak - train) / pbytes
             out[f"{key}: device extra_over_train_bytes@{m}"] = mem.peak - train
             out[f"{key}: host_x@{m}"] = mem.host_peak / pbytes
@@ -129,6 +148,36 @@ def cost(quick: bool, repeats: int) -> dict:
     }
 
 
+def host_cost(quick: bool, repeats: int, clock) -> dict:
+    """One bf16 fd product with device vectors, host vectors, host vectors + batch_split=2 (interleaved)."""
+    model, batch = build(quick, torch.bfloat16)
+    ops = {
+        "device": HessianOperator(model, loss_fn, batch, mode="fd"),
+        "host": HessianOperator(model, loss_fn, batch, mode="fd", vectors="host"),
+        "host split=2": HessianOperator(model, loss_fn, batch, mode="fd", vectors="host", batch_split=2),
+    }
+    v = ops["device"].backend.randn(0)
+    nv = ops["device"].backend.norm(v)
+    v = [x / nv for x in v]
+    vs = {k: op.backend.as_vector(v, "v") for k, op in ops.items()}
+    for k, op in ops.items():
+        op.matvec(vs[k])  # caches the base gradient
+    t: dict[str, list[float]] = {k: [] for k in ops}
+    for _ in range(repeats):
+        for k, op in ops.items():
+            t0 = clock()
+            op.matvec(vs[k])
+            t[k].append(clock() - t0)
+    med = {k: statistics.median(x) for k, x in t.items()}
+    paired = {k: statistics.median(a / b for a, b in zip(t[k], t["device"])) for k in ops}
+    return {
+        "median_ms": {k: 1e3 * x for k, x in med.items()},
+        "min_ms": {k: 1e3 * min(x) for k, x in t.items()},
+        "over_device_median": {k: med[k] / med["device"] for k in ops},
+        "over_device_paired": paired,
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true")
@@ -136,14 +185,21 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--no-cost", action="store_true", help="memory only (skip the timed product costs)")
+    ap.add_argument("--host-cost", action="store_true", help="time bf16 fd products, host vs device vectors")
+    ap.add_argument("--clock", choices=("wall", "thread"), default="wall")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
+    if a.clock == "thread" and a.threads != 1:
+        raise SystemExit("--clock thread needs --threads 1 (other torch threads' time is not counted)")
+    clock = time.thread_time if a.clock == "thread" else time.perf_counter
     res: dict = {
         "load": os.getloadavg(),
         "memory": [memory(a.quick, d, a.max_iter) for d in (torch.float32, torch.bfloat16)],
     }
     if not a.no_cost:
         res["cost"] = cost(a.quick, a.repeats)
+    if a.host_cost:
+        res["host_cost"] = host_cost(a.quick, a.repeats, clock)
     res["load_after"] = os.getloadavg()
     print(json.dumps(res, indent=1))
 

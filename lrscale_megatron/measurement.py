@@ -124,6 +124,8 @@ def measure_lambda_max(
     grad_fn: Callable[[], Any] | None = None,
     warm: WarmStart | None = None,
     basis: BasisMode = "auto",
+    vectors: str = "device",
+    batch_split: int = 1,
 ) -> Estimate:
     """Top Hessian eigenvalue of ``loss_fn(model, batch)`` by Lanczos; collective over the job's ranks.
 
@@ -138,7 +140,8 @@ def measure_lambda_max(
     fd product computes anyway, in the operator's coordinates
     (:func:`~lrscale_megatron.curvature.start.gradient_start`: 3 instead of 4-5 Lanczos iterations to 1 %
     on the 834k GPT of ``benchmarks/curvature_vs_pyhessian.py``).
-    ``basis``: where the Lanczos basis lives (``OnlineConfig.basis``).
+    ``basis``: where the Lanczos basis lives (``OnlineConfig.basis``); ``vectors``, ``batch_split``: where
+    the solver's vectors live and in how many parts the batch is evaluated (``OnlineConfig``).
     """
     from lrscale_megatron.curvature import HessianOperator, lanczos
     from lrscale_megatron.parallel import resolve_context
@@ -152,6 +155,8 @@ def measure_lambda_max(
         mode=mode,
         params=None if params is None else list(params),
         parallel=ctx,
+        vectors=vectors,
+        batch_split=batch_split,
         **kwargs,
     )
     if optimizer is not None:
@@ -247,6 +252,8 @@ def curvature_estimator(
             grad_fn=grad_fn,
             warm=store,
             basis=online.basis,
+            vectors=online.vectors,
+            batch_split=online.batch_split,
         )
 
     return _broadcast_from_rank0(estimator) if sync else estimator

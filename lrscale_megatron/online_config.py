@@ -16,6 +16,7 @@ Rule = Literal["eos", "inverse"]
 Combine = Literal["min", "max", "geomean", "online"]
 HvpMode = Literal["exact", "fd"]
 BasisMode = Literal["auto", "host", "recompute"]
+VectorsMode = Literal["device", "host"]
 CurvaturePeakMode = Literal["max", "curv"]
 
 
@@ -134,6 +135,18 @@ class OnlineConfig(_Model):
     Ritz vector), ``"auto"`` the host when every rank's host budget has room, else the second pass. Pick
     ``"recompute"`` where host-device copies are slow next to a product (measure with
     ``benchmarks/gpu_check.sh``)."""
+    vectors: VectorsMode = "device"
+    """Where a measurement's vectors live (:mod:`lrscale_megatron.curvature.hostvectors`): ``"device"``, or
+    ``"host"`` (``hvp="fd"`` with bf16/fp16 parameters): Lanczos' ``q``, the products, the base gradient
+    and the preconditioner's scale in host memory (page-locked), so the GPU holds only the float32
+    substitutes ``theta + h q`` and one float32 forward/backward (docs/benchmarks.md: 4.9 instead of 8.9 x
+    bf16 parameter bytes over the training step on the 834k GPT); each product copies ``q`` to the GPU and
+    its gradient back."""
+    batch_split: int = 1
+    """Evaluate the held batch in this many equal parts along dim 0 (a divisor of its size): a product
+    then holds one part's activations (float32 for a bf16 model: ``vectors="host"`` with ``batch_split=2``
+    measured 1.9 x bf16 parameter bytes over the training step); the Hessian is that of the mean of the
+    parts' losses, the batch's own for a per-token mean loss. Not with a user ``grad_fn``."""
     tol: float = 3e-2
     """Lanczos relative residual tolerance after warmup. The decisions compare the gauge with thresholds a
     factor 2 apart (``cut_above`` 2, ``raise_below`` 0.25) or with a ±20-25 % band (``project_below``,
@@ -162,12 +175,15 @@ class OnlineConfig(_Model):
     """With ``kappa``: ``max`` sets the peak to ``max(offline peak, eta_curv)`` (the seed's combined
     peak); ``curv`` to ``eta_curv`` alone (clamped to ``band``)."""
 
-    @field_validator("adapt_every", "max_iter")
+    @field_validator("adapt_every", "max_iter", "batch_split")
     @classmethod
     def _at_least_one(cls, v: int, info: Any) -> int:
         if v < 1:
             raise LRScaleConfigError(
-                info.field_name, v, "must be >= 1", "use e.g. 1000 (adapt_every), 20 (max_iter)"
+                info.field_name,
+                v,
+                "must be >= 1",
+                "use e.g. 1000 (adapt_every), 20 (max_iter), 1 (batch_split)",
             )
         return v
 

@@ -16,50 +16,30 @@ activation recompute           with ``grad_fn`` only  refused (the recomputed ba
                                                       megatron's checkpoint)
 =============================  =====================  ==========================================
 
-Memory (:func:`measurement_memory`, bytes on one GPU, over this rank's parameter shards ``N``), counted
-on the code as it runs (``tests/unit/test_preflight.py::test_fd_estimate_matches_a_counted_measurement``
-holds the estimate to a counted ``k=1`` fd measurement): with finite differences (the online default)
-the measurement holds, over one training forward+backward, :data:`FD_VECTORS` = 4 vectors in the vector
-dtype (fp32; fp64 for fp64 models): Lanczos' ``q``, ``q_prev`` and the Ritz vector of its second pass
-(independent of ``max_iter``) and the cached base gradient. When the host can hold the Lanczos basis
-(``lanczos(basis="auto")`` decides at measurement time, ``curvature/hostbasis.py``), the device holds
-:data:`FD_HOST_VECTORS` = 2 (``q`` and the base gradient) and the host ``max_iter`` vectors
-(``measurement_memory(basis="host", max_iter=...)``), plus, for float32/float64 parameters, the fd
-anchor (:data:`FD_ANCHOR_VECTORS` = 1 in the parameter dtype: one copy of the parameters for the length
-of the solve, which the products restore from; ``curvature/anchor.py``): 3 in all. The refusal below
-uses the fallback's 4, since the host's room is only known when the measurement runs. With the second
-pass the perturbed parameters are restored by subtraction, without a copy (the default
-``fd_restore="auto"``; ``"copy"``: one more vector in the parameter dtype). With the
-Adam preconditioner: :data:`PRECONDITION_VECTORS` = 2 more (the scale and the scaled input). With
-bf16/fp16 parameters the loss is evaluated at fp32 substitutes: one more fp32 vector, and the forward
-runs in fp32, so one more micro-batch of activations (``activation_bytes``). Exact products keep
-:data:`EXACT_FP32_VECTORS` fp32 vectors (Lanczos' three and the product), the tangent in the parameter
-dtype and the gradient kept with its graph, and the graph itself (about twice one micro-batch's
-activations). The product's own gradient takes the place of the training step's gradient, and its
-forward/backward fits in the memory the training step's activations free, so neither is counted.
+Memory: :func:`measurement_memory` (:mod:`lrscale_megatron.memory_plan`, re-exported here).
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from lrscale_megatron.memory_plan import (  # noqa: F401  (re-exported)
+    EXACT_FP32_VECTORS,
+    FD_ANCHOR_VECTORS,
+    FD_HOST_SIDE_VECTORS,
+    FD_HOST_VECTORS,
+    FD_VECTORS,
+    GIB,
+    PRECONDITION_VECTORS,
+    MeasurementMemory,
+    measurement_memory,
+)
+
 logger = logging.getLogger(__name__)
 
-GIB = 1024**3
-#: fd, k=1: q, q_prev, the Ritz vector (second pass), the cached base gradient (module docstring)
-FD_VECTORS = 4
-#: fd, k=1 with the Lanczos basis in host memory: q and the cached base gradient on the device
-FD_HOST_VECTORS = 2
-#: fd, k=1 with the host basis, float32/float64 parameters: the anchor (in the parameter dtype)
-FD_ANCHOR_VECTORS = 1
-#: the Adam preconditioner's scale P^-1/2 and the scaled input of each product
-PRECONDITION_VECTORS = 2
-#: exact products: q, q_prev, the Ritz vector and the product
-EXACT_FP32_VECTORS = 4
 FREE_MEMORY_MARGIN = 0.9  # refuse when the measurement needs more than this share of free memory
 
 
@@ -69,86 +49,6 @@ class MeasurementRefused(ValueError):
     def __init__(self, setting: str, value: Any, problem: str, fix: str) -> None:
         self.setting, self.value, self.problem, self.fix = setting, value, problem, fix
         super().__init__(f"online curvature: {setting}={value!r}: {problem}. Fix: {fix}")
-
-
-@dataclass(frozen=True)
-class MeasurementMemory:
-    """Extra device memory of one online measurement on this rank (bytes)."""
-
-    mode: str
-    n_params: int
-    param_bytes: int
-    vectors_bytes: int
-    graph_bytes: int
-    precondition: bool
-    host_bytes: int = 0  # host memory of a host Lanczos basis (basis="host"), not on the device
-
-    @property
-    def total_bytes(self) -> int:
-        return self.vectors_bytes + self.graph_bytes
-
-    @property
-    def bytes_per_param(self) -> float:
-        return self.total_bytes / max(self.n_params, 1)
-
-    def render(self) -> str:
-        unit, scale = ("GiB", GIB) if self.total_bytes >= GIB else ("MiB", 1024**2)
-        what = "graph" if self.mode == "exact" else "fp32 forward"
-        graph = f" + {what} {self.graph_bytes / scale:.2f}" if self.graph_bytes else ""
-        host = f"; host basis {self.host_bytes / GIB:.2f} GiB of host memory" if self.host_bytes else ""
-        return (
-            f"measurement extra {self.total_bytes / scale:.2f} {unit} = vectors {self.vectors_bytes / scale:.2f}"
-            f"{graph} (hvp={self.mode}, k=1, any max_iter, {self.bytes_per_param:.1f} B/param, "
-            f"{self.total_bytes / max(self.n_params * self.param_bytes, 1):.1f} x parameter bytes{host})"
-        )
-
-
-def measurement_memory(
-    n_params: int,
-    *,
-    mode: str,
-    param_bytes: int,
-    precondition: bool = True,
-    activation_bytes: int = 0,
-    fd_restore: str = "auto",
-    basis: str = "recompute",
-    max_iter: int = 20,
-) -> MeasurementMemory:
-    """Extra bytes of one ``k=1`` measurement over ``n_params`` local parameter elements (module docstring).
-
-    ``activation_bytes``: one micro-batch's activations (the exact mode's graph; the fp32 forward of
-    bf16/fp16 models in fd mode). ``basis``: ``"recompute"`` (no stored basis: the worst case on the
-    device) or ``"host"`` (fd only: the basis in host memory, ``max_iter`` vectors in ``host_bytes``).
-    ``fd_restore`` as :class:`~lrscale_megatron.curvature.operators.HessianOperator`'s (``"auto"``: the
-    anchor with the host basis, subtraction with the second pass).
-    """
-    if basis not in ("recompute", "host"):
-        raise ValueError(f"basis={basis!r} is not 'recompute' or 'host'")
-    if basis == "host" and mode != "fd":
-        raise ValueError("basis='host' is counted for mode='fd' only")
-    if mode not in ("fd", "exact"):
-        raise ValueError(f"mode={mode!r} is not 'fd' or 'exact'")
-    if fd_restore not in ("auto", "subtract", "copy"):
-        raise ValueError(f"fd_restore={fd_restore!r} is not 'auto', 'subtract' or 'copy'")
-    low = param_bytes < 4
-    vbytes = 8 if param_bytes == 8 else 4  # the vector dtype: fp32, fp64 for fp64 models
-    pre = PRECONDITION_VECTORS if precondition else 0
-    host = 0
-    if mode == "fd":
-        per = vbytes * ((FD_HOST_VECTORS if basis == "host" else FD_VECTORS) + pre)
-        host = vbytes * int(n_params) * int(max_iter) if basis == "host" else 0
-        if low:
-            per += 4  # fp32 substitutes of the parameters
-        elif fd_restore == "copy":
-            per += param_bytes
-        elif fd_restore == "auto" and basis == "host":
-            per += FD_ANCHOR_VECTORS * param_bytes
-        graph = int(activation_bytes) if low else 0  # the fp32 forward of a bf16/fp16 model
-    else:
-        per = vbytes * (EXACT_FP32_VECTORS + pre) + 2 * param_bytes  # + tangent, gradient with its graph
-        graph = 2 * int(activation_bytes)
-    vectors = n_params * per
-    return MeasurementMemory(mode, int(n_params), int(param_bytes), int(vectors), graph, precondition, host)
 
 
 # ------------------------------------------------------------------------------------------ checks
@@ -318,12 +218,16 @@ def preflight(
     opt = optimizer if optimizer is not None else getattr(engine, "optimizer", None)
     check_optimizer(opt, bool(online_cfg.precondition))
     n, pbytes = _local_numel_and_bytes(model)
+    vectors, split = getattr(online_cfg, "vectors", "device"), int(getattr(online_cfg, "batch_split", 1))
+    check_placement(mode, pbytes, vectors, split, grad_fn)
     mem = measurement_memory(
         n,
         mode=mode,
         param_bytes=pbytes,
         precondition=bool(online_cfg.precondition),
         activation_bytes=activation_bytes,
+        vectors=vectors,
+        batch_split=split,
     )
     first = next((p for p in _unwrap(model).parameters()), None)
     if free_bytes is None and first is not None and first.device.type == "cuda":
@@ -339,6 +243,39 @@ def preflight(
                 mode,
                 f"the measurement needs {mem.total_bytes / GIB:.2f} GiB but {max(available, 0) / GIB:.2f} GiB "
                 "are free on this GPU after the training step's reserve",
-                "use hvp='fd' (no graph), fewer parameters per GPU (more TP/PP), or online.enabled=false",
+                _fit_fix(mode, pbytes, vectors, split),
             )
     return mem
+
+
+def check_placement(mode: str, param_bytes: int, vectors: str, batch_split: int, grad_fn: Any) -> None:
+    """Refuse ``online.vectors`` / ``online.batch_split`` where the operator would (``curvature/hostvectors.py``)."""
+    if vectors == "host" and (mode != "fd" or param_bytes >= 4):
+        raise MeasurementRefused(
+            "online.vectors",
+            vectors,
+            f"host vectors serve the float32 fd evaluation of bf16/fp16 models (hvp={mode!r}, "
+            f"{param_bytes}-byte parameters)",
+            "use online.vectors='device' (float32 models keep ~3 x parameter bytes on the device), or hvp='fd'",
+        )
+    if batch_split > 1 and grad_fn is not None:
+        raise MeasurementRefused(
+            "online.batch_split",
+            batch_split,
+            "a grad_fn (megatron's schedule) evaluates its own batch, which the measurement cannot split",
+            "use online.batch_split=1, or a smaller held batch",
+        )
+
+
+def _fit_fix(mode: str, param_bytes: int, vectors: str, batch_split: int) -> str:
+    more = "fewer parameters per GPU (more TP/PP), or online.enabled=false"
+    if mode == "exact":
+        return f"use hvp='fd' (no graph), online.batch_split > {batch_split} (the graph of a part), {more}"
+    if param_bytes < 4 and vectors == "device":
+        return (
+            "use online.vectors='host' (Lanczos vectors, products and base gradient in host memory) and "
+            f"online.batch_split=2 or more (the float32 forward of a part of the held batch), {more}"
+        )
+    if param_bytes < 4:
+        return f"use online.batch_split > {batch_split} (the float32 forward of a smaller part), {more}"
+    return f"use {more}"

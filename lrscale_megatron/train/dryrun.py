@@ -138,18 +138,25 @@ def measurement_estimate(cfg: TrainConfig, dp: int) -> dict[str, dict[str, float
     online = ((ds.get("scheduler") or {}).get("params") or {}).get("online") or {}
     precondition = bool(online.get("precondition", True)) if isinstance(online, dict) else True
     n = int(stage_params(cfg))
+    get = online.get if isinstance(online, dict) else (lambda k, d: d)
+    vectors, split = str(get("vectors", "device")) if pbytes < 4 else "device", int(get("batch_split", 1))
+    runs = [("fd", vectors, split), ("exact", "device", split)]
+    if pbytes < 4 and vectors == "device":  # what online.vectors="host" would hold (curvature/hostvectors.py)
+        runs.append(("fd", "host", 2 if cfg.training.micro_batch_size % 2 == 0 else 1))
     out = {}
-    for mode in ("fd", "exact"):
+    for mode, where, parts in runs:
         mm = measurement_memory(
             n,
             mode=mode,
             param_bytes=pbytes,
             precondition=precondition,
             activation_bytes=int(micro_batch_activations(cfg)),
+            vectors=where,
+            batch_split=parts,
         )
         resident = step["weights"] + step["grads"] + step["optimizer"]
         own_pass = micro_batch_activations(cfg) / GIB  # the held batch's forward/backward
-        out[mode] = {
+        out[mode if where == vectors else f"{mode}, vectors={where}, batch_split={parts}"] = {
             "extra": mm.total_bytes / GIB,
             "vectors": mm.vectors_bytes / GIB,
             "graph": mm.graph_bytes / GIB,

@@ -1,0 +1,93 @@
+"""preflight / measurement_memory with online.vectors="host" and online.batch_split: the estimate bounds
+a counted measurement from above (device) and equals its host vectors and basis (host), is independent
+of max_iter on the device, and the refusals name the settings and the fix."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lrscale_megatron.adapter import OnlineConfig
+from lrscale_megatron.curvature import HessianOperator, PreconditionedOperator, lanczos
+from lrscale_megatron.curvature.memtrack import HostDeviceBytes, LiveTensorBytes
+from lrscale_megatron.measurement import MeasurementRefused, measurement_memory, preflight
+from lrscale_megatron.models.torch_gpt import TorchGPT, TorchGPTConfig, torch_gpt_loss
+
+torch.set_num_threads(1)
+
+
+def _loss(m, b):
+    return torch_gpt_loss(m, b).float()
+
+
+@pytest.mark.parametrize("split", [1, 2, 4])
+@pytest.mark.parametrize("precondition", [False, True])
+def test_host_vector_estimate_bounds_a_counted_measurement(split, precondition):
+    model = TorchGPT(TorchGPTConfig(vocab_size=64, seq_length=16, hidden_size=32, num_layers=2, num_heads=4))
+    model.init_weights(0)
+    model = model.to(torch.bfloat16)
+    tok = torch.randint(0, 64, (4, 17), generator=torch.Generator().manual_seed(0))
+    batch = {"tokens": tok[:, :-1], "labels": tok[:, 1:]}
+    params = list(model.parameters())
+    n = sum(p.numel() for p in params)
+    with LiveTensorBytes() as mem:
+        g = torch.autograd.grad(_loss(model, batch), params)
+        del g
+    train = mem.peak
+    op = HessianOperator(model, _loss, batch, mode="fd", vectors="host", batch_split=split)
+    a = PreconditionedOperator(op, [torch.rand(p.shape) for p in params]) if precondition else op
+    with HostDeviceBytes() as mem2:
+        r = lanczos(a, k=1, max_iter=6, tol=0.0, seed=0, return_vectors=True, basis="host")
+        op.release()
+        del r
+    counted = mem2.peak - train
+    kw = dict(mode="fd", param_bytes=2, precondition=precondition, activation_bytes=train - 2 * n)
+    est = measurement_memory(n, basis="host", max_iter=6, vectors="host", batch_split=split, **kw)
+    assert counted <= est.total_bytes <= max(counted, 0) + 6 * n, (counted / n, est.total_bytes / n)
+    # the host side: q, the product, the base gradient (+ the preconditioner's two) and the 6 basis rows;
+    # with parts, one more per-tensor staging copy of a part's gradient (the largest tensor at most)
+    largest = max(p.numel() for p in params)
+    assert est.host_bytes <= mem2.host_peak <= est.host_bytes + (4 * largest if split > 1 else 0)
+    est12 = measurement_memory(n, basis="host", max_iter=12, vectors="host", batch_split=split, **kw)
+    assert est12.total_bytes == est.total_bytes and est12.host_bytes == est.host_bytes + 6 * 4 * n
+    device = measurement_memory(n, basis="host", max_iter=6, batch_split=split, **kw)
+    assert est.total_bytes < device.total_bytes
+
+
+def _model():
+    return torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 1))
+
+
+def test_host_vectors_refused_up_front_where_the_operator_would_refuse_them():
+    m = _model()
+    opt = torch.optim.AdamW(m.parameters())
+    host = OnlineConfig(enabled=True, hvp="fd", vectors="host")
+    with pytest.raises(MeasurementRefused, match=r"online.vectors='host'.*Fix: use online.vectors='device'"):
+        preflight(m, opt, host)  # float32 parameters
+    m16 = _model().to(torch.bfloat16)
+    opt16 = torch.optim.AdamW(m16.parameters())
+    with pytest.raises(MeasurementRefused, match=r"online.vectors='host'.*hvp='exact'"):
+        preflight(m16, opt16, OnlineConfig(enabled=True, hvp="exact", vectors="host"))
+    mem = preflight(m16, opt16, host)
+    assert mem.vectors == "host" and "host vectors and basis" in mem.render()
+    with pytest.raises(MeasurementRefused, match=r"online.batch_split=2.*grad_fn"):
+        preflight(m16, opt16, OnlineConfig(enabled=True, batch_split=2), grad_fn=lambda: None)
+    with pytest.raises(ValueError, match="batch_split"):
+        OnlineConfig(enabled=True, batch_split=0)
+
+
+def test_a_bf16_measurement_that_does_not_fit_names_host_vectors_and_the_split():
+    m16 = _model().to(torch.bfloat16)
+    opt16 = torch.optim.AdamW(m16.parameters())
+    fd = OnlineConfig(enabled=True, hvp="fd")
+    act = 1000
+    need = preflight(m16, opt16, fd, activation_bytes=act).total_bytes
+    host = OnlineConfig(enabled=True, hvp="fd", vectors="host", batch_split=2)
+    small = preflight(m16, opt16, host, activation_bytes=act).total_bytes
+    assert small < need
+    free = int((small + need) / 2 / 0.9)
+    with pytest.raises(
+        MeasurementRefused, match=r"Fix: use online.vectors='host'.*online.batch_split=2 or more"
+    ):
+        preflight(m16, opt16, fd, activation_bytes=act, free_bytes=free)
+    preflight(m16, opt16, host, activation_bytes=act, free_bytes=free)  # fits
