@@ -163,3 +163,31 @@ def test_host_accounting_counts_a_device_tensor_left_alive_as_device(monkeypatch
         assert mem.live >= len(kept) // len(op.params) * 4 * n  # every leaked float32 gradient, on the device
     assert mem.peak >= honest.peak
     assert mem.host_peak <= honest.host_peak + 4 * n
+
+
+def test_online_measurement_with_host_vectors_matches_device_vectors():
+    """measure_lambda_max as the scheduler runs it (Adam-preconditioned, gradient-informed start, warm
+    start store): host vectors give the device vectors' estimate and warm-start vector bit for bit; in two
+    parts, the same eigenvalue within the tolerance."""
+    from lrscale_megatron.measurement import WarmStart, measure_lambda_max
+
+    model, batch = gpt()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    gpt_loss(model, batch).backward()
+    opt.step()
+    est, ys = {}, {}
+    for vectors in ("device", "host"):
+        warm = WarmStart()
+        est[vectors] = measure_lambda_max(
+            model, gpt_loss, batch, mode="fd", tol=3e-2, optimizer=opt, warm=warm, vectors=vectors
+        )
+        assert est[vectors].converged, est[vectors].reason
+        (y,) = warm._vectors.values()
+        ys[vectors] = y
+    assert est["host"].lambda_max == est["device"].lambda_max
+    assert est["host"].n_matvec == est["device"].n_matvec
+    assert all(torch.equal(a, b) for a, b in zip(ys["host"], ys["device"]))
+    split = measure_lambda_max(
+        model, gpt_loss, batch, mode="fd", tol=3e-2, optimizer=opt, vectors="host", batch_split=2
+    )
+    assert split.converged and rel(split.lambda_max, est["device"].lambda_max) < 3e-2
