@@ -231,11 +231,13 @@ def curvature_estimator(
     if online.warm_start and warm is None:
         warm = WarmStart()
     store = warm if online.warm_start else None
+    vectors: str = "device" if online.vectors == "auto" else online.vectors  # unchecked: no memory plan
     if check:
         mem = preflight(
             model, opt, online, engine=engine, parallel=parallel, batch=batch, reserve_bytes=reserve_bytes
         )
-        logger.info("lrscale: online measurement attached; %s", mem.render())
+        vectors = mem.vectors  # online.vectors="auto" resolved against the free memory
+        logger.info("lrscale: online measurement attached; %s, vectors=%s", mem.render(), vectors)
 
     def estimator(params: Sequence[Any] | None) -> Estimate:
         return measure_lambda_max(
@@ -252,11 +254,13 @@ def curvature_estimator(
             grad_fn=grad_fn,
             warm=store,
             basis=online.basis,
-            vectors=online.vectors,
+            vectors=vectors,
             batch_split=online.batch_split,
         )
 
-    return _broadcast_from_rank0(estimator) if sync else estimator
+    out = _broadcast_from_rank0(estimator) if sync else estimator
+    out.online = online.model_copy(update={"vectors": vectors})  # type: ignore[attr-defined]  # as resolved
+    return out
 
 
 def online_estimators(
@@ -274,7 +278,8 @@ def online_estimators(
     estimator = curvature_estimator(model, loss_fn, batch, online, warm=warm, **kwargs)
     if not (online.warmup_checks and online.warmup_tol != online.tol and warmup_steps > 0):
         return estimator, None
-    cheap = online.model_copy(update={"tol": online.warmup_tol})  # same settings, looser tolerance
+    resolved = getattr(estimator, "online", online)  # online.vectors="auto" as the first one resolved it
+    cheap = resolved.model_copy(update={"tol": online.warmup_tol})  # same settings, looser tolerance
     kw = {**kwargs, "check": False, "warm": warm}
     return estimator, curvature_estimator(model, loss_fn, batch, cheap, **kw)
 

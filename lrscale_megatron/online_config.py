@@ -16,7 +16,7 @@ Rule = Literal["eos", "inverse"]
 Combine = Literal["min", "max", "geomean", "online"]
 HvpMode = Literal["exact", "fd"]
 BasisMode = Literal["auto", "host", "recompute"]
-VectorsMode = Literal["device", "host"]
+VectorsMode = Literal["device", "host", "auto"]
 CurvaturePeakMode = Literal["max", "curv"]
 
 
@@ -141,7 +141,9 @@ class OnlineConfig(_Model):
     and the preconditioner's scale in host memory (page-locked), so the GPU holds only the float32
     substitutes ``theta + h q`` and one float32 forward/backward (docs/benchmarks.md: 4.9 instead of 8.9 x
     bf16 parameter bytes over the training step on the 834k GPT); each product copies ``q`` to the GPU and
-    its gradient back."""
+    its gradient back. ``"auto"``: ``"host"`` where that applies and the device plan does not fit the GPU's
+    free memory when the estimator is attached (:func:`lrscale_megatron.preflight.preflight` decides and
+    logs it), else ``"device"``."""
     batch_split: int = 1
     """Evaluate the held batch in this many equal parts along dim 0 (a divisor of its size): a product
     then holds one part's activations (float32 for a bf16 model: ``vectors="host"`` with ``batch_split=2``

@@ -209,7 +209,9 @@ def preflight(
     On CUDA, also refuse when the estimate exceeds ``FREE_MEMORY_MARGIN`` of the device's free memory
     (``free_bytes``, default: ``torch.cuda.mem_get_info`` plus the allocator's cached blocks) minus
     ``reserve_bytes`` (what the training step still needs, e.g. its activations). On CPU the fit is not
-    checked unless ``free_bytes`` is given; the estimate is still returned. ``parallel`` and ``batch`` are
+    checked unless ``free_bytes`` is given; the estimate is still returned. ``online.vectors="auto"`` is
+    resolved here: ``"host"`` for an fd measurement of a bf16/fp16 model whose device plan does not fit,
+    else ``"device"`` (the returned :attr:`MeasurementMemory.vectors`). ``parallel`` and ``batch`` are
     accepted for the scheduler's call signature.
     """
     del parallel, batch
@@ -220,36 +222,43 @@ def preflight(
     n, pbytes = _local_numel_and_bytes(model)
     vectors, split = getattr(online_cfg, "vectors", "device"), int(getattr(online_cfg, "batch_split", 1))
     check_placement(mode, pbytes, vectors, split, grad_fn)
-    mem = measurement_memory(
-        n,
-        mode=mode,
-        param_bytes=pbytes,
-        precondition=bool(online_cfg.precondition),
-        activation_bytes=activation_bytes,
-        vectors=vectors,
-        batch_split=split,
-    )
+
+    def plan(where: str) -> MeasurementMemory:
+        return measurement_memory(
+            n,
+            mode=mode,
+            param_bytes=pbytes,
+            precondition=bool(online_cfg.precondition),
+            activation_bytes=activation_bytes,
+            vectors=where,
+            batch_split=split,
+        )
+
     first = next((p for p in _unwrap(model).parameters()), None)
     if free_bytes is None and first is not None and first.device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(first.device)
         free_bytes = (
             free + torch.cuda.memory_reserved(first.device) - torch.cuda.memory_allocated(first.device)
         )
-    if free_bytes is not None:
-        available = FREE_MEMORY_MARGIN * free_bytes - reserve_bytes
-        if mem.total_bytes > available:
-            raise MeasurementRefused(
-                "online.hvp",
-                mode,
-                f"the measurement needs {mem.total_bytes / GIB:.2f} GiB but {max(available, 0) / GIB:.2f} GiB "
-                "are free on this GPU after the training step's reserve",
-                _fit_fix(mode, pbytes, vectors, split),
-            )
+    available = None if free_bytes is None else FREE_MEMORY_MARGIN * free_bytes - reserve_bytes
+    if vectors == "auto":  # host vectors only where they apply and the device plan will not fit
+        device_fits = available is None or plan("device").total_bytes <= available
+        vectors = "host" if (mode == "fd" and pbytes < 4 and not device_fits) else "device"
+    mem = plan(vectors)
+    if available is not None and mem.total_bytes > available:
+        raise MeasurementRefused(
+            "online.hvp",
+            mode,
+            f"the measurement needs {mem.total_bytes / GIB:.2f} GiB but {max(available, 0) / GIB:.2f} GiB "
+            "are free on this GPU after the training step's reserve",
+            _fit_fix(mode, pbytes, vectors, split),
+        )
     return mem
 
 
 def check_placement(mode: str, param_bytes: int, vectors: str, batch_split: int, grad_fn: Any) -> None:
-    """Refuse ``online.vectors`` / ``online.batch_split`` where the operator would (``curvature/hostvectors.py``)."""
+    """Refuse ``online.vectors`` / ``online.batch_split`` where the operator would (``curvature/hostvectors.py``);
+    ``vectors="auto"`` is resolved by :func:`preflight` (``MeasurementMemory.vectors``)."""
     if vectors == "host" and (mode != "fd" or param_bytes >= 4):
         raise MeasurementRefused(
             "online.vectors",

@@ -140,6 +140,7 @@ def measurement_estimate(cfg: TrainConfig, dp: int) -> dict[str, dict[str, float
     n = int(stage_params(cfg))
     get = online.get if isinstance(online, dict) else (lambda k, d: d)
     vectors, split = str(get("vectors", "device")) if pbytes < 4 else "device", int(get("batch_split", 1))
+    vectors = "device" if vectors == "auto" else vectors  # auto: device unless it will not fit (preflight)
     runs = [("fd", vectors, split), ("exact", "device", split)]
     if pbytes < 4 and vectors == "device":  # what online.vectors="host" would hold (curvature/hostvectors.py)
         runs.append(("fd", "host", 2 if cfg.training.micro_batch_size % 2 == 0 else 1))

@@ -91,3 +91,70 @@ def test_a_bf16_measurement_that_does_not_fit_names_host_vectors_and_the_split()
     ):
         preflight(m16, opt16, fd, activation_bytes=act, free_bytes=free)
     preflight(m16, opt16, host, activation_bytes=act, free_bytes=free)  # fits
+
+
+def test_auto_vectors_choose_host_only_where_the_device_plan_does_not_fit():
+    m16 = _model().to(torch.bfloat16)
+    opt16 = torch.optim.AdamW(m16.parameters())
+    act = 1000
+    auto = OnlineConfig(enabled=True, hvp="fd", vectors="auto", batch_split=1)
+    device = preflight(m16, opt16, OnlineConfig(enabled=True), activation_bytes=act).total_bytes
+    host = preflight(
+        m16, opt16, auto.model_copy(update={"vectors": "host"}), activation_bytes=act
+    ).total_bytes
+    assert host < device
+    between = int((host + device) / 2 / 0.9)
+    assert preflight(m16, opt16, auto, activation_bytes=act, free_bytes=between).vectors == "host"
+    assert preflight(m16, opt16, auto, activation_bytes=act, free_bytes=10 * device).vectors == "device"
+    assert (
+        preflight(m16, opt16, auto, activation_bytes=act).vectors == "device"
+    )  # no free-memory figure (CPU)
+    with pytest.raises(
+        MeasurementRefused, match=r"Fix: use online.batch_split > 1"
+    ):  # host will not fit either
+        preflight(m16, opt16, auto, activation_bytes=act, free_bytes=int(host / 2))
+    m32 = _model()
+    opt32 = torch.optim.AdamW(m32.parameters())
+    need32 = preflight(m32, opt32, auto).total_bytes
+    with pytest.raises(
+        MeasurementRefused, match=r"Fix: use fewer parameters per GPU"
+    ):  # float32: no host vectors
+        preflight(m32, opt32, auto, free_bytes=int(need32 / 2))
+
+
+def test_estimators_measure_with_the_vectors_preflight_chose(monkeypatch):
+    """online_estimators: online.vectors="auto" is resolved once, when attached, for both estimators, and
+    the measurement runs with host vectors (the same estimate as device vectors)."""
+    from lrscale_megatron import measurement
+
+    model = TorchGPT(TorchGPTConfig(vocab_size=64, seq_length=16, hidden_size=32, num_layers=2, num_heads=4))
+    model.init_weights(0)
+    model = model.to(torch.bfloat16)
+    tok = torch.randint(0, 64, (4, 17), generator=torch.Generator().manual_seed(0))
+    batch = {"tokens": tok[:, :-1], "labels": tok[:, 1:]}
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    _loss(model, batch).backward()
+    opt.step()
+    real, seen = measurement.preflight, []
+
+    def tight(m, o, cfg, **k):  # a GPU whose free memory holds the host plan only
+        host, dev = (
+            real(m, o, cfg.model_copy(update={"vectors": v}), **k).total_bytes for v in ("host", "device")
+        )
+        return real(m, o, cfg, **k, free_bytes=int((host + dev) / 2 / 0.9))
+
+    def spy(*a, **k):
+        seen.append(k["vectors"])
+        return real_measure(*a, **k)
+
+    real_measure = measurement.measure_lambda_max
+    monkeypatch.setattr(measurement, "preflight", tight)
+    monkeypatch.setattr(measurement, "measure_lambda_max", spy)
+    online = OnlineConfig(enabled=True, vectors="auto", warmup_tol=1e-1, tol=3e-2)
+    est, cheap = measurement.online_estimators(model, _loss, batch, online, 10, sync=False, optimizer=opt)
+    assert est.online.vectors == "host" and cheap is not None and cheap.online.vectors == "host"
+    got = est(None)
+    assert got.converged, got.reason
+    assert seen == ["host"]
+    ref = real_measure(model, _loss, batch, mode="fd", tol=3e-2, optimizer=opt)
+    assert got.lambda_max == ref.lambda_max
