@@ -49,10 +49,12 @@ def transformer_blocks(backend: VectorBackend) -> dict[str, list[int]]:
 class _MaskedBackend(VectorBackend):
     def __init__(self, base: VectorBackend, keep: Sequence[bool]) -> None:
         super().__init__(base.specs, dtype=base.dtype, device=base.device, all_reduce=base._all_reduce)
+        self.host, self.pin = base.host, base.pin  # vectors="host": the block's vectors stay in host memory
         self.keep = list(keep)
 
     def project(self, x: Vector) -> Vector:
-        return [xi if k else torch.zeros_like(xi) for xi, k in zip(x, self.keep)]
+        with self.allocation():
+            return [xi if k else torch.zeros_like(xi) for xi, k in zip(x, self.keep)]
 
     def randn(self, seed: int) -> Vector:
         return self.project(super().randn(seed))

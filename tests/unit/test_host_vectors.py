@@ -191,3 +191,19 @@ def test_online_measurement_with_host_vectors_matches_device_vectors():
         model, gpt_loss, batch, mode="fd", tol=3e-2, optimizer=opt, vectors="host", batch_split=2
     )
     assert split.converged and rel(split.lambda_max, est["device"].lambda_max) < 3e-2
+
+
+def test_a_block_of_a_host_vector_operator_keeps_host_vectors_and_its_eigenvalue():
+    from lrscale_megatron.curvature import BlockOperator, transformer_blocks
+
+    model, batch = gpt()
+    dev = HessianOperator(model, gpt_loss, batch, mode="fd")
+    host = HessianOperator(model, gpt_loss, batch, mode="fd", vectors="host")
+    idx = transformer_blocks(host.backend)["layers.1"]
+    bd, bh = BlockOperator(dev, idx), BlockOperator(host, idx)
+    assert bh.backend.host and not bd.backend.host
+    rd = lanczos(bd, k=1, max_iter=40, tol=1e-2, seed=0)
+    rh = lanczos(bh, k=1, max_iter=40, tol=1e-2, seed=0)
+    assert rh.converged and rh.eigenvalues[0] == rd.eigenvalues[0]
+    restricted = host.restrict([n for n, _ in host.named_params][:3])
+    assert restricted.backend.host
