@@ -28,7 +28,12 @@ device: it holds the fp32 substitutes (4 B/param) and one fp32 forward/backward 
 extra ``4 - param_bytes`` B/param and the extra activations ``(2 / batch_split - 1) x`` one micro-batch's
 peaked together (floored at 0); the host holds ``q``, the product and the base gradient (3 vectors, 5
 with the preconditioner) and the host basis's ``max_iter``. A measurement that will not fit is refused
-with the fix naming these settings.
+with the fix naming these settings. From the parameter count and the training step's peak alone this
+bound cannot be tightened: a model whose gradient is made while its activations are alive (most
+parameters in the last layer, as an LM head) reaches it within 2 % at ``batch_split`` 1 and 2
+(``tests/unit/test_preflight_host_vectors.py``), though a transformer counts well below it (3.6 of
+6.0 B/param at split 2). Not counted: float32 copies of floating-point batch inputs (bf16 inputs are
+upcast per part; 4 B per element; token batches have none).
 """
 
 from __future__ import annotations

@@ -158,10 +158,11 @@ class VectorBackend:
         float64 temporaries are chunk-sized, never parameter-sized (a 13B model's embedding would
         otherwise need two multi-GiB float64 copies per inner product).
         """
-        s = torch.zeros((), dtype=torch.float64, device=x[0].device if len(x) else self.device)
-        for spec, a, b in zip(self.specs, x, y):
-            if spec.owned:
-                s += _chunked_dot(a, b)
+        with self.allocation():  # host vectors: the float64 chunks are host memory (accounting)
+            s = torch.zeros((), dtype=torch.float64, device=x[0].device if len(x) else self.device)
+            for spec, a, b in zip(self.specs, x, y):
+                if spec.owned:
+                    s += _chunked_dot(a, b)
         return s
 
     def dot(self, x: Vector, y: Vector) -> float:
