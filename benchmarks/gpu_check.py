@@ -13,7 +13,9 @@ Three parts, each a table row set:
    weights in fp32, exact products, tight tolerance). With Transformer Engine installed, the TE-spec model
    (fused attention / flash kernels) is also measured with ``fd`` against its own fp32 ``fd`` (exact
    products through TE are not expected to work: a refusal is reported as such).
-2. **time**: fwd+bwd, one fd product, one exact product on the same model (median of ``--repeats``).
+2. **time**: fwd+bwd, one fd product, one exact product on the same model (median of ``--repeats``);
+   one fd product with host vectors (split 1 and 2) against device vectors, time and device peak
+   (``benchmarks/gpu_host_vectors.py``).
 3. **memory** at the largest shipped GPT-3 config whose training step plus measurement fits this GPU
    (``tp = pp = 1``, micro-batch 1): peak ``torch.cuda.max_memory_allocated`` of a bf16 training step
    (fwd+bwd and AdamW over fp32 master weights, 16 B/param) and of one Adam-preconditioned fd measurement
@@ -37,7 +39,11 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from gpu_host_vectors import host_vector_products, render_host_vectors  # noqa: E402
+
 GIB = 1024**3
+SMOKE = dict(vocab_size=64, seq_length=16, hidden_size=32, num_layers=1, num_heads=2, micro_batch_size=2)
 GPT3 = ("gpt3-125m", "gpt3-350m", "gpt3-1.3b", "gpt3-2.7b", "gpt3-6.7b", "gpt3-13b")
 
 
@@ -157,6 +163,7 @@ def accuracy_and_time(ctx, small, repeats: int, te_spec, smoke: bool = False) ->
     t["fd_over_fwd_bwd"] = t["fd_product_s"] / t["fwd_bwd_s"]
     t["exact_over_fwd_bwd"] = t["exact_product_s"] / t["fwd_bwd_s"] if t["exact_product_s"] else None
     out["time"] = t
+    out["host_vectors"] = host_vector_products(m16, batch, ctx, repeats)  # gpu_host_vectors.py
     if te_spec is not None:
         t16, t32 = _build(small, ctx, torch.bfloat16, te_spec), _build(small, ctx, torch.float32, te_spec)
         t32.load_state_dict(
@@ -295,6 +302,7 @@ def render(r: dict) -> str:
         f"| {_fmt(t['fwd_bwd_s'], '.4g')} | {_fmt(t['fd_product_s'], '.4g')} | {_fmt(t['exact_product_s'], '.4g')} | "
         f"{_fmt(t['fd_over_fwd_bwd'], '.3g')} | {_fmt(t['exact_over_fwd_bwd'], '.3g')} |",
     ]
+    lines += render_host_vectors(a.get("host_vectors"))
     m = r.get("memory")
     if m:
         lines += [
@@ -348,15 +356,7 @@ def main(argv: list[str] | None = None) -> int:
         te_spec = get_gpt_layer_with_transformer_engine_spec
     try:
         if args.cpu_smoke:
-            small = _preset(
-                "smoke",
-                vocab_size=64,
-                seq_length=16,
-                hidden_size=32,
-                num_layers=1,
-                num_heads=2,
-                micro_batch_size=2,
-            )
+            small = _preset("smoke", **SMOKE)
             big_name, big = "cpu-smoke", small
         else:
             small = _preset(

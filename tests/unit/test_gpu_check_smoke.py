@@ -34,8 +34,11 @@ def test_gpu_check_cpu_smoke(tmp_path):
     for k in ("ref_fp32_exact", "bf16_fd", "bf16_exact"):
         assert a[k]["lambda_max"] is not None and "converged" in a[k]
     assert a["time"]["fwd_bwd_s"] > 0 and a["time"]["fd_product_s"] > 0
+    hv = a["host_vectors"]  # benchmarks/gpu_host_vectors.py: the host product is the device one
+    assert hv["host,split1"]["equals_device"] and hv["host,split2"]["product_s"] > 0
     assert r["memory"]["estimated_extra_gib"] > 0 and r["memory"]["measurement"]["n_matvec"] > 0
     assert "| measurement | lambda_max |" in res.stdout and "fd / fwd+bwd" in res.stdout
+    assert "| host (= device bit for bit) | 1 |" in res.stdout
 
 
 def test_gpu_check_refuses_without_cuda_unless_smoke(tmp_path):
