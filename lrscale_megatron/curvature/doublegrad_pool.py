@@ -52,8 +52,7 @@ class Pool:
     __slots__ = ("_bufs", "nbytes")
 
     def __init__(self) -> None:
-        # per key: [next index to look at, [(storage pointer, storage, flat tensor), ...]]
-        self._bufs: dict[tuple, list] = {}
+        self._bufs: dict[tuple, list[torch.Tensor]] = {}
         self.nbytes = 0
 
     def take(self, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor | None:
@@ -69,32 +68,25 @@ class Pool:
         # by size, not shape (the attention's [B h, S, d] and [B S, H] results share buffers): the pool
         # then holds about what one product has alive at its peak
         key = (n, like.dtype, like.device)
-        entry = self._bufs.get(key)
-        if entry is None:
-            entry = self._bufs[key] = [0, []]
-        start, bufs = entry
-        k = len(bufs)
-        for j in range(k):  # round robin from after the last buffer handed out: results are released
-            i = (start + j) % k  # roughly in the order they were made, so the first look usually hits
-            ptr, _, flat = bufs[i]
-            # free: only the pool refers to the storage (2: its flat tensor and its storage object).
-            # Handed out is always a new tensor on it (a view), so every user (a Python variable, the
-            # engine, a view of a view) counts on the storage
-            if _use_count(ptr) == 2:
-                entry[0] = i + 1
-                return flat.view(shape)
-        flat = torch.empty(n, dtype=like.dtype, device=like.device)
-        st = flat.untyped_storage()
-        bufs.append((st._cdata, st, flat))
-        entry[0] = 0
-        self.nbytes += st.nbytes()
-        _LIVE.add(st.data_ptr())
-        return flat.view(shape)
+        bufs = self._bufs.get(key)
+        if bufs is None:
+            bufs = self._bufs[key] = []
+        for b in bufs:
+            # free: nothing but the pool's flat tensor refers to its storage (2: that tensor and the
+            # temporary storage object of this call). Handed out is always a new tensor on the storage (a
+            # view), so every user (a Python variable, the engine, a view of a view) counts on the storage
+            if _use_count(b.untyped_storage()._cdata) == 2:
+                return b.view(shape)
+        b = torch.empty(n, dtype=like.dtype, device=like.device)
+        bufs.append(b)
+        self.nbytes += b.untyped_storage().nbytes()
+        _LIVE.add(b.untyped_storage().data_ptr())
+        return b.view(shape)
 
     def __del__(self) -> None:
-        for _, bufs in self._bufs.values():
-            for _, st, _ in bufs:
-                _LIVE.discard(st.data_ptr())
+        for bufs in self._bufs.values():
+            for b in bufs:
+                _LIVE.discard(b.untyped_storage().data_ptr())
 
 
 def owned(t: torch.Tensor | None) -> bool:
