@@ -19,70 +19,62 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from lrscale_megatron.curvature.doublegrad_linear import _as
-from lrscale_megatron.curvature.doublegrad_pool import Pool
 
 
 class _Bmm(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, a, b, pool):
+    def forward(ctx, a, b):
         ctx.save_for_backward(a, b)
-        ctx.pool = pool
         return a.bmm(b)
 
     @staticmethod
     def backward(ctx, dy):
         a, b = ctx.saved_tensors
         if torch.is_grad_enabled():
-            return *_BmmGrad.apply(dy, a, b, ctx.pool), None
-        return *_grads(dy, a, b, ctx.needs_input_grad, ctx.pool), None
+            return _BmmGrad.apply(dy, a, b)
+        return _grads(dy, a, b, ctx.needs_input_grad)
 
 
-def _grads(dy, a, b, need, pool: Pool | None = None):
-    # BmmBackward0's formulas: self: grad.bmm(mat2.transpose(1, 2)), mat2: self.transpose(1, 2).bmm(grad);
-    # into the graph's pool inside a product (:mod:`.doublegrad_pool`)
-    da = db = None
-    if need[0]:
-        da = torch.bmm(dy, b.transpose(1, 2), out=None if pool is None else pool.take(a.shape, a))
-    if need[1]:
-        db = torch.bmm(a.transpose(1, 2), dy, out=None if pool is None else pool.take(b.shape, b))
+def _grads(dy, a, b, need):
+    # BmmBackward0's formulas: self: grad.bmm(mat2.transpose(1, 2)), mat2: self.transpose(1, 2).bmm(grad)
+    da = dy.bmm(b.transpose(1, 2)) if need[0] else None
+    db = a.transpose(1, 2).bmm(dy) if need[1] else None
     return da, db
 
 
 class _BmmGrad(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, dy, a, b, pool):
+    def forward(ctx, dy, a, b):
         ctx.save_for_backward(dy, a, b)
         ctx.set_materialize_grads(False)
-        ctx.pool = pool
         return _grads(dy, a, b, (True, True))
 
     @staticmethod
     @once_differentiable
     def backward(ctx, ca, cb):
         dy, a, b = ctx.saved_tensors
-        need_dy, need_a, need_b = ctx.needs_input_grad[:3]
-        pool = ctx.pool
+        need_dy, need_a, need_b = ctx.needs_input_grad
         ddy = da = db = None
         if need_dy:  # d dy = ca b + a cb
             if ca is not None:
-                ddy = torch.bmm(ca, b, out=pool.take(dy.shape, dy))
+                ddy = ca.bmm(b)
                 if cb is not None:
                     ddy.baddbmm_(a, cb)
             elif cb is not None:
-                ddy = torch.bmm(a, cb, out=pool.take(dy.shape, dy))
+                ddy = a.bmm(cb)
         if need_a and cb is not None:
-            da = torch.bmm(dy, cb.transpose(1, 2), out=pool.take(a.shape, a))  # d/da <cb, a^T dy>
+            da = dy.bmm(cb.transpose(1, 2))  # d/da <cb, a^T dy>
         if need_b and ca is not None:
-            db = torch.bmm(ca.transpose(1, 2), dy, out=pool.take(b.shape, b))  # d/db <ca, dy b^T>
-        return ddy, da, db, None
+            db = ca.transpose(1, 2).bmm(dy)  # d/db <ca, dy b^T>
+        return ddy, da, db
 
 
-def matmul(x, y, pool: Pool):
+def matmul(x, y):
     """``torch.matmul(x, y)`` through :class:`_Bmm` where ATen would call ``bmm`` on both reshaped to 3-d
     (same dims >= 3, same batch shape); ``NotImplemented`` otherwise."""
     if x.dim() < 3 or x.dim() != y.dim() or x.shape[:-2] != y.shape[:-2]:
         return NotImplemented
     n, m = x.shape[-2:]
     p = y.shape[-1]
-    out = _Bmm.apply(x.reshape(-1, n, m), y.reshape(-1, m, p), pool)
+    out = _Bmm.apply(x.reshape(-1, n, m), y.reshape(-1, m, p))
     return _as(out, (*x.shape[:-2], n, p))  # bmm's result is fresh and contiguous, as in at::matmul

@@ -16,22 +16,19 @@ from __future__ import annotations
 import torch
 from torch.autograd.function import once_differentiable
 
-from lrscale_megatron.curvature.doublegrad_pool import Pool
-
 
 class _Linear(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, w, b, pool):
+    def forward(ctx, x, w, b):
         ctx.save_for_backward(x, w)
-        ctx.pool = pool
         return torch._C._nn.linear(x, w, b)
 
     @staticmethod
     def backward(ctx, dy):
         x, w = ctx.saved_tensors
         if torch.is_grad_enabled():
-            return *_LinearGrad.apply(dy, x, w, ctx.pool), None
-        return *_grads(dy, x, w, ctx.needs_input_grad, ctx.pool), None
+            return _LinearGrad.apply(dy, x, w)
+        return _grads(dy, x, w, ctx.needs_input_grad)
 
 
 def _as(t: torch.Tensor, shape) -> torch.Tensor:
@@ -40,15 +37,11 @@ def _as(t: torch.Tensor, shape) -> torch.Tensor:
     return torch.ops.aten._unsafe_view(t, shape)
 
 
-def _grads(dy, x, w, need, pool: Pool | None = None):
+def _grads(dy, x, w, need):
     # the kernels of AddmmBackward0 (mm_mat1_backward / mm_mat2_backward for a transposed weight) and of
-    # the bias's ExpandBackward0 (sum_to), in the layout at::linear gives them; dx into the graph's pool
-    # inside a product (pooled outputs only there: :mod:`.doublegrad_pool`)
+    # the bias's ExpandBackward0 (sum_to), in the layout at::linear gives them
     dy2 = dy.reshape(-1, dy.shape[-1])
-    dx = None
-    if need[0]:
-        out = None if pool is None else pool.take((dy2.shape[0], w.shape[1]), dy2)
-        dx = _as(torch.mm(dy2, w, out=out), x.shape)
+    dx = _as(dy2.mm(w), x.shape) if need[0] else None
     dw = dy2.t().mm(x.reshape(-1, x.shape[-1])) if need[1] else None
     db = _as(dy2.sum([0], keepdim=True), dy.shape[-1:]) if need[2] else None
     return dx, dw, db
@@ -56,32 +49,27 @@ def _grads(dy, x, w, need, pool: Pool | None = None):
 
 class _LinearGrad(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, dy, x, w, pool):
+    def forward(ctx, dy, x, w):
         ctx.save_for_backward(dy, x, w)
         ctx.set_materialize_grads(False)
-        ctx.pool = pool
         return _grads(dy, x, w, (True, True, True))
 
     @staticmethod
     @once_differentiable
     def backward(ctx, a, cw, cb):
         dy, x, w = ctx.saved_tensors
-        need_dy, need_x, need_w = ctx.needs_input_grad[:3]
-        pool = ctx.pool
+        need_dy, need_x, need_w = ctx.needs_input_grad
         dy2, x2 = dy.reshape(-1, dy.shape[-1]), x.reshape(-1, x.shape[-1])
         a2 = None if a is None else a.reshape(-1, a.shape[-1])
         ddy = dx = dw = None
         if need_dy:
             # d dy = a W^T + x cW^T + cb
             # (a is None where dx is not used: an input that does not require grad, e.g. the first layer's)
-            out = pool.take(dy2.shape, dy2)
             if a2 is not None:
-                ddy = torch.mm(a2, w.t(), out=out) if cb is None else torch.addmm(cb, a2, w.t(), out=out)
+                ddy = a2.mm(w.t()) if cb is None else torch.addmm(cb, a2, w.t())
             if cw is not None:
                 if ddy is None:
-                    ddy = (
-                        torch.mm(x2, cw.t(), out=out) if cb is None else torch.addmm(cb, x2, cw.t(), out=out)
-                    )
+                    ddy = x2.mm(cw.t()) if cb is None else torch.addmm(cb, x2, cw.t())
                 else:
                     ddy.addmm_(x2, cw.t())
             if ddy is None and cb is not None:
@@ -89,7 +77,7 @@ class _LinearGrad(torch.autograd.Function):
             if ddy is not None:
                 ddy = _as(ddy, dy.shape)
         if need_x and cw is not None:
-            dx = _as(torch.mm(dy2, cw, out=pool.take(x2.shape, x2)), x.shape)  # d/dx <cW, dy^T x>
+            dx = _as(dy2.mm(cw), x.shape)  # d/dx <cW, dy^T x>
         if need_w and a2 is not None:
-            dw = dy2.t().mm(a2)  # d/dW <a, dy W> (a weight's gradient: never pooled)
-        return ddy, dx, dw, None
+            dw = dy2.t().mm(a2)  # d/dW <a, dy W>
+        return ddy, dx, dw

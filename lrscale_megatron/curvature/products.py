@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from lrscale_megatron.curvature import doublegrad_pool, norm_hint
+from lrscale_megatron.curvature import norm_hint
 from lrscale_megatron.curvature.autodiff import refuse_untracked_backward, second_backward
 from lrscale_megatron.curvature.backend import Vector
 from lrscale_megatron.curvature.doublegrad import cheap_double_backward
@@ -39,12 +39,7 @@ def _second(
     pairs = [(gi, vi) for gi, vi in zip(g, vp) if gi is not None and gi.requires_grad]
     if not pairs:
         return [None] * len(wrt)
-    # routed nodes write activation-sized results into their graph's pool (no fresh pages per product);
-    # a result that would still live in a pool (an activation's gradient passed on unchanged to a
-    # parameter) is copied, so that the next product does not overwrite it
-    with doublegrad_pool.pooled():
-        hv = second_backward([gi for gi, _ in pairs], wrt, [vi for _, vi in pairs], retain_graph=retain)
-    return [h.clone() if doublegrad_pool.owned(h) else h for h in hv]
+    return second_backward([gi for gi, _ in pairs], wrt, [vi for _, vi in pairs], retain_graph=retain)
 
 
 def hvp_exact(op: HessianOperator, v: Vector) -> Vector:
