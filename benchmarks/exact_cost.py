@@ -24,8 +24,9 @@ unit vector:
   jvp graph replayed per product.
 
 Reported: median and min of each ratio to fwd+bwd, the medians of the per-round ratios exact / fwd+bwd
-and exact / exact stock (paired in the same round, so load swings cancel), and how far each product is from the default exact
-product (max relative difference, float32). ``--profile`` prints torch.profiler op counts and self times
+and exact / exact stock (paired in the same round, so load swings cancel), how far each product is from the default exact
+product (max relative difference, float32), and the median number of fresh pages each call faults in
+(``minor_faults_median``, Linux). ``--profile`` prints torch.profiler op counts and self times
 per op type for one fwd+bwd, one stock and one default exact product. The script asserts that no reused
 graph is re-taken.
 """
@@ -50,6 +51,15 @@ from fd_cost import add_common_options, build, loss_fn, use_clock  # noqa: E402 
 
 CLOCK = [time.perf_counter]
 OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::mul", "aten::add", "aten::add_", "aten::sum")
+
+
+def _minor_faults() -> int:
+    try:
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_THREAD).ru_minflt  # type: ignore[attr-defined]
+    except (ImportError, AttributeError, OSError):  # not Linux: not reported
+        return 0
 
 
 def _ops(fn, n: int = 3) -> dict[str, tuple[float, float]]:
@@ -127,11 +137,14 @@ def measure(quick: bool, bsz: int, repeats: int, profile: bool, lin: bool = Fals
             float(a.abs().max()) for a in ref
         )
     t: dict[str, list[float]] = defaultdict(list)
+    faults: dict[str, list[int]] = defaultdict(list)
     for _ in range(repeats):
         for name, fn in fns.items():
+            f0 = _minor_faults()
             t0 = CLOCK[0]()
             fn()
             t[name].append(CLOCK[0]() - t0)
+            faults[name].append(_minor_faults() - f0)
     assert ex.n_grad == 1 and st.n_grad == 1, "a reused graph was re-taken"
     med = {k: statistics.median(x) for k, x in t.items()}
     low = {k: min(x) for k, x in t.items()}
@@ -145,6 +158,8 @@ def measure(quick: bool, bsz: int, repeats: int, profile: bool, lin: bool = Fals
         "ratio_median": {k: med[k] / med["fwd+bwd"] for k in others},
         "ratio_min": {k: low[k] / low["fwd+bwd"] for k in others},
         "max_rel_diff_to_exact": diffs,
+        # fresh pages faulted in per call (this thread; Linux), median: the allocator's cost beyond the ops
+        "minor_faults_median": {k: statistics.median(x) for k, x in faults.items()},
         # per-round exact / exact stock (the same round: load swings cancel), median
         "exact_over_stock_paired": statistics.median(a / b for a, b in zip(t["exact"], t["exact stock"])),
         # per-round exact / fwd+bwd (timed back to back in the same round), median
@@ -196,6 +211,9 @@ def main() -> None:
             f"| {r['tokens']} | {r['median_ms']['fwd+bwd']:.1f} | {cells} | "
             f"{r['exact_over_fwd_bwd_paired']:.3f} | {r['exact_over_stock_paired']:.3f} |"
         )
+    for r in res["sizes"]:
+        pages = ", ".join(f"{k} {v:.0f}" for k, v in r["minor_faults_median"].items())
+        print(f"fresh pages per call at {r['tokens']} tokens (median): {pages}")
     for r in res["sizes"]:
         if "linearize_trace_ms" in r:
             print(
