@@ -42,6 +42,16 @@ def all_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
     return out
 
 
+_SEEDED: list[torch.Tensor] = []
+
+
+def _seeded_cpu_state() -> torch.Tensor:
+    """The CPU generator's whole state right after ``manual_seed(MEASUREMENT_SEED)`` (taken once)."""
+    if not _SEEDED:
+        _SEEDED.append(torch.Generator().manual_seed(MEASUREMENT_SEED).get_state())
+    return _SEEDED[0]
+
+
 @contextlib.contextmanager
 def deterministic_loss(model: torch.nn.Module, eval_mode: bool = True) -> Iterator[None]:
     """Dropout off (``eval_mode``) and the random generators fixed for one evaluation (module docstring)."""
@@ -50,7 +60,7 @@ def deterministic_loss(model: torch.nn.Module, eval_mode: bool = True) -> Iterat
     # evaluation (a module ``loss_fn`` created since the last one is switched too).
     flags = [(m, m.training) for m in all_modules(model)]
     devices = []
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
+    if torch.cuda.is_initialized() and torch.cuda.is_available():  # the cheap test first (~0.04 us)
         devices = [torch.cuda.current_device()]
     # the generators' states saved and restored directly (what ``torch.random.fork_rng(devices)`` does,
     # without its per-call device-module lookups); ``torch.manual_seed`` would also queue lazy seeds for
@@ -62,7 +72,7 @@ def deterministic_loss(model: torch.nn.Module, eval_mode: bool = True) -> Iterat
             for m, f in flags:
                 if f:
                     object.__setattr__(m, "training", False)
-        torch.default_generator.manual_seed(MEASUREMENT_SEED)
+        torch.default_generator.set_state(_seeded_cpu_state())  # = manual_seed(MEASUREMENT_SEED), 1 us less
         for d in devices:
             torch.cuda.default_generators[d].manual_seed(MEASUREMENT_SEED)
         yield

@@ -93,20 +93,28 @@ def test_every_flag_is_eval_inside_and_restored_after_and_a_new_module_is_switch
 
 def test_the_generators_are_seeded_inside_and_the_training_stream_is_untouched():
     lin = nn.Linear(2, 2)
+    ref = torch.Generator().manual_seed(MEASUREMENT_SEED)
+    seeded, seeded_normal = torch.rand(4, generator=ref), torch.randn(3, generator=ref)
     torch.manual_seed(7)
-    expected_next = torch.rand(5)  # the training run's next draw without any measurement
-    torch.manual_seed(7)
-    seeded = torch.rand(4, generator=torch.Generator().manual_seed(MEASUREMENT_SEED))
+    torch.randn(1)  # a cached second normal sample in the training stream: not seen inside
     before = torch.get_rng_state()
     for _ in range(2):
         with deterministic_loss(lin):
             assert torch.equal(torch.rand(4), seeded)  # the same draws in every evaluation
+            assert torch.equal(torch.randn(3), seeded_normal)
     assert torch.equal(torch.get_rng_state(), before)
     with pytest.raises(KeyboardInterrupt), deterministic_loss(lin):
         torch.rand(100)
         raise KeyboardInterrupt
     assert torch.equal(torch.get_rng_state(), before)
-    assert torch.equal(torch.rand(5), expected_next)
+    torch.manual_seed(7)
+    torch.randn(1)
+    expected_next = torch.randn(5)  # the same stream (cached normal included) without any measurement
+    torch.manual_seed(7)
+    torch.randn(1)
+    with deterministic_loss(lin):
+        torch.randn(7)
+    assert torch.equal(torch.randn(5), expected_next)
 
 
 def test_functional_dropout_in_the_loss_draws_the_same_mask_in_every_product():
