@@ -10,7 +10,10 @@ on this thread's CPU clock::
 
     python benchmarks/fd_ab.py --other /work/main --repeats 61             # 256 tokens
     python benchmarks/fd_ab.py --other /work/main --repeats 301 --quick    # tiny model: the Python
+    python benchmarks/fd_ab.py --other /work/main --pieces                 # + the Python pieces, timeit
 
+``--pieces`` also times, for both, the per-product Python pieces alone (``timeit``, min of 5 x N calls,
+us): the operator's evaluation context, the autocast guard's enter/exit and one module call under it.
 Reported: the medians, each product's median and paired (per-round) ratio to fwd+bwd, and the median of
 the per-round difference ``this - other`` in ms. Both products are checked to give the same bits.
 """
@@ -64,12 +67,46 @@ def import_other(checkout: str, tmp: str):
     )
 
 
+def pieces(ops: dict, mods: dict) -> dict:
+    """us per call of the per-product Python pieces, for each package (``timeit``, min of 5 x N)."""
+    import timeit
+
+    def us(fn, number: int) -> float:
+        return round(
+            1e6 * min(timeit.repeat(fn, number=number, repeat=5, timer=time.thread_time)) / number, 2
+        )
+
+    def enter(cm_fn):
+        def f():
+            with cm_fn():
+                pass
+
+        return f
+
+    ident, x = torch.nn.Identity(), torch.randn(2)
+    out = {}
+    for name, op in ops.items():
+        guard = importlib.import_module(
+            mods[name] + ".curvature.autocast_guard"
+        ).refuse_low_precision_autocast
+        with guard():
+            hooked = us(lambda: ident(x), 20000)
+        out[name] = {
+            "evaluation context enter/exit": us(enter(lambda op=op: op._evaluation(None)), 2000),
+            "autocast guard enter/exit": us(enter(guard), 5000),
+            "a module call under the guard": hooked,
+            "a module call without it": us(lambda: ident(x), 20000),
+        }
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--other", required=True, help="path of the other checkout (e.g. /work/main)")
     ap.add_argument("--batch", type=int, default=4, help="micro-batch size (x 64 tokens)")
     ap.add_argument("--repeats", type=int, default=61)
     ap.add_argument("--quick", action="store_true", help="tiny model: the per-product Python dominates")
+    ap.add_argument("--pieces", action="store_true", help="also time the per-product Python pieces")
     a = ap.parse_args()
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp:
@@ -114,6 +151,7 @@ def main() -> None:
         for i in range(a.repeats):
             for k in list(fns) if i % 2 == 0 else list(fns)[::-1]:
                 t[k].append(fns[k]()[0])
+        extra = pieces(ops, {"other": OTHER, "this": "lrscale_megatron"}) if a.pieces else None
     med = {k: statistics.median(x) for k, x in t.items()}
     res: dict = {
         "tokens": a.batch * batch["tokens"].shape[1],
@@ -127,6 +165,8 @@ def main() -> None:
     res["this - other, paired ms"] = round(
         1e3 * statistics.median(x - y for x, y in zip(t["this"], t["other"])), 3
     )
+    if extra is not None:
+        res["pieces_us"] = extra
     print(json.dumps(res))
 
 
