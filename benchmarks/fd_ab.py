@@ -158,6 +158,9 @@ def main() -> None:
         "repeats": a.repeats,
         "load": [load0, os.getloadavg()],
         "median_ms": {k: round(1e3 * x, 3) for k, x in med.items()},
+        # the mean sits above the median on a loaded machine (a right tail): phases reported as means
+        # (``fd_cost.py --breakdown``) are not comparable with a median fwd+bwd
+        "mean_ms": {k: round(1e3 * statistics.fmean(x), 3) for k, x in t.items()},
     }
     for k in ("other", "this"):
         res[f"{k} / fwd+bwd median"] = round(med[k] / med["fwd+bwd"], 4)
