@@ -56,10 +56,15 @@ def _autocast_dtype(device_type: str) -> torch.dtype | None:
         return torch.get_autocast_cpu_dtype() if torch.is_autocast_cpu_enabled() else None
 
 
+#: one call for every device type (torch >= 2.4), looked up once
+_ANY_ON = getattr(torch._C, "_is_any_autocast_enabled", None)
+#: Transformer Engine's FP8 module (looked up in ``sys.modules``: only when TE is already imported)
+_TE_FP8 = "transformer_engine.pytorch.fp8"
+
+
 def _any_autocast() -> bool:
-    any_on = getattr(torch._C, "_is_any_autocast_enabled", None)  # one call for every device type
-    if any_on is not None:
-        return bool(any_on())
+    if _ANY_ON is not None:
+        return bool(_ANY_ON())
     try:
         return any(torch.is_autocast_enabled(dev) for dev in DEVICE_TYPES)
     except TypeError:  # torch < 2.4
@@ -68,7 +73,7 @@ def _any_autocast() -> bool:
 
 def _fp8_autocast() -> bool:
     """Whether Transformer Engine's FP8 autocast is on (only when TE is already imported)."""
-    te_fp8 = sys.modules.get("transformer_engine.pytorch.fp8")
+    te_fp8 = sys.modules.get(_TE_FP8)
     manager = getattr(te_fp8, "FP8GlobalStateManager", None)
     is_on = getattr(manager, "is_fp8_enabled", None)
     return bool(is_on()) if callable(is_on) else False
@@ -76,8 +81,7 @@ def _fp8_autocast() -> bool:
 
 def low_precision_autocast() -> str | None:
     """A description of the low-precision autocast in force now, or ``None``."""
-    te_fp8 = sys.modules.get("transformer_engine.pytorch.fp8")
-    if te_fp8 is None and not _any_autocast():
+    if _TE_FP8 not in sys.modules and not _any_autocast():
         return None  # the common case: ~1 us
     for dev in DEVICE_TYPES:
         dt = _autocast_dtype(dev)
@@ -93,8 +97,13 @@ def refuse_low_precision_autocast() -> Iterator[None]:
     """Within the block, raise :class:`AutocastRefused` when a module's forward starts under
     low-precision autocast (module docstring). The outer state is checked on entry too."""
 
+    modules, any_on = sys.modules, _ANY_ON
+
     def hook(module: torch.nn.Module, args: object) -> None:
-        # every module's forward: a few microseconds, against milliseconds of a forward
+        # every module's forward (~1 us, against milliseconds of a forward): the common case, no
+        # autocast on any device and no Transformer Engine, without a further call
+        if any_on is not None and not any_on() and _TE_FP8 not in modules:
+            return
         what = low_precision_autocast()
         if what is not None:
             raise AutocastRefused(REFUSAL.format(what=what))

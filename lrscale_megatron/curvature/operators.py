@@ -58,6 +58,7 @@ from lrscale_megatron.curvature.blocks import select_params
 from lrscale_megatron.curvature.evaluation import (
     LOW_PRECISION,
     deterministic_loss,
+    math_sdpa,
     megatron_set_input,
     substituted,
     upcast_rest,
@@ -210,9 +211,7 @@ class HessianOperator(AnchorLoan):
             if self._tp_patch is not None:
                 stack.enter_context(self._tp_patch())
             if self.math_sdpa:
-                from torch.nn.attention import SDPBackend, sdpa_kernel
-
-                stack.enter_context(sdpa_kernel(SDPBackend.MATH))
+                stack.enter_context(math_sdpa())
             if leaves is not None:
                 names = [n for n, _ in self.named_params]
                 pdict = upcast_rest(self.model, set(names)) if self.upcast else {}

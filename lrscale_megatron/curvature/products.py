@@ -105,7 +105,8 @@ def hvp_fd(op: HessianOperator, v: Vector) -> Vector:
         return [torch.full_like(x, float("nan")) for x in v]
     if vnorm == 0.0:
         return op.backend.zeros()
-    raw = op.fd_eps * max(1.0, _param_norm(op)) / vnorm
+    version = op._params_version()  # one anchor key for both version-keyed caches below
+    raw = op.fd_eps * max(1.0, _param_norm(op, version)) / vnorm
     fin = torch.finfo(op.backend.dtype)
     if not (2 * fin.tiny <= raw <= fin.max / 2):  # infinite parameters, or ||v|| far out of range
         return [torch.full_like(x, float("nan")) for x in v]  # no product: the solver says so
@@ -113,7 +114,8 @@ def hvp_fd(op: HessianOperator, v: Vector) -> Vector:
     # in-place perturbation relies on (:mod:`.perturb`), and 1/h can scale the gradient in its backward
     h = power_of_two(raw)
     if op.fd_scheme == "forward":
-        g0 = op.base_gradient()  # cached while the parameters are unchanged
+        # cached while the parameters are unchanged (the check of ``base_gradient()``, the version known)
+        g0 = op._base[1] if op._base is not None and op._base_version == version else op.base_gradient()
         assert g0 is not None
         # (g(θ+hv) - g(θ))/h in one pass: the backward itself returns g(θ+hv)/h (its seed is 1/h, exact),
         # then gp -= g0/h (a power-of-two multiple of g0: exact, fused in the subtraction)
@@ -133,8 +135,9 @@ def hvp_fd(op: HessianOperator, v: Vector) -> Vector:
     return gp
 
 
-def _param_norm(op: HessianOperator) -> float:
-    version = op._params_version()
+def _param_norm(op: HessianOperator, version: int | None = None) -> float:
+    if version is None:
+        version = op._params_version()
     if op._theta_norm is None or op._theta_norm[0] != version:
         op.settle_anchor()  # ||theta0||, not of a product's theta0 + h v (lazy restore)
         version = op._params_version()
