@@ -15,6 +15,7 @@ split so is refused with the reason and the fix.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -55,3 +56,35 @@ def microbatches(batch: Any, n: int) -> list[Any]:
     """The operator's micro-batches: ``batch`` (or each micro-batch of a ``list`` of them) in ``n`` parts."""
     given = batch if isinstance(batch, list) and batch and not isinstance(batch[0], (int, float)) else [batch]
     return [part for mb in given for part in split_batch(mb, n)]
+
+
+def accumulated_grads(
+    op: Any,
+    leaves: list[torch.Tensor] | None,
+    grad_scale: float,
+    accumulate: Callable[[Any, list[torch.Tensor | None], int], Any],
+) -> tuple[float, Any]:
+    """The mean loss over ``op.microbatches`` and ``accumulate(acc, g, n)`` folded over their gradients
+    with respect to ``leaves`` (``None``: the parameters; one pipeline schedule per micro-batch under pipeline parallelism), inside the
+    operator's evaluation context; ``grad_scale`` seeds the backward (ignored by a pipeline schedule).
+    Shared by the operator's device gradient and :func:`~.hostvectors.host_gradient` (host accumulation)."""
+    n, total, acc = len(op.microbatches), 0.0, None
+    wrt = op.params if leaves is None else leaves
+    with op._evaluation(leaves):
+        for mb in op.microbatches:
+            if op.parallel.pp_size > 1:
+                from lrscale_megatron.curvature.pipeline import pipeline_loss_and_grad
+
+                loss, gl = pipeline_loss_and_grad(op.parallel, op._stage_fn, mb, wrt)
+                g: list[torch.Tensor | None] = list(gl)
+                del gl  # the accumulation frees each tensor of ``g`` (host vectors)
+            else:
+                out = op._stage_fn(mb, None)
+                loss = float(out.detach())
+                seed = None if grad_scale == 1.0 else torch.full_like(out, grad_scale)
+                g = list(torch.autograd.grad(out, wrt, grad_outputs=seed, allow_unused=True))
+                del out
+            total += loss / n
+            acc = accumulate(acc, g, n)
+            del g
+    return total, acc

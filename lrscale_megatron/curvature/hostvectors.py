@@ -41,6 +41,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from lrscale_megatron.curvature.backend import Vector, VectorBackend
+from lrscale_megatron.curvature.batchsplit import accumulated_grads
 from lrscale_megatron.curvature.hostbasis import host_allocation
 
 if TYPE_CHECKING:
@@ -142,24 +143,7 @@ def host_gradient(
             del leaves
             return loss, to_host(op.backend, g0)
         op.n_grad += 1
-        n, total = len(op.microbatches), 0.0
-        acc: Vector | None = None
-        with op._evaluation(leaves):
-            for mb in op.microbatches:
-                if op.parallel.pp_size > 1:
-                    from lrscale_megatron.curvature.pipeline import pipeline_loss_and_grad
-
-                    loss, gl = pipeline_loss_and_grad(op.parallel, op._stage_fn, mb, leaves)
-                    g: list[torch.Tensor | None] = list(gl)
-                else:
-                    out = op._stage_fn(mb, None)
-                    loss = float(out.detach())
-                    seed = None if grad_scale == 1.0 else torch.full_like(out, grad_scale)
-                    g = list(torch.autograd.grad(out, leaves, grad_outputs=seed, allow_unused=True))
-                    del out
-                total += loss / n
-                acc = _accumulate(op, acc, g, n)
-                del g
+        total, acc = accumulated_grads(op, leaves, grad_scale, lambda a, g, n: _accumulate(op, a, g, n))
         del leaves
     op.last_loss = total
     assert acc is not None

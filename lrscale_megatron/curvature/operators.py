@@ -53,7 +53,7 @@ from torch.utils._pytree import tree_map
 from lrscale_megatron.curvature import hostvectors
 from lrscale_megatron.curvature.anchor import AnchorLoan
 from lrscale_megatron.curvature.backend import Vector, VectorBackend
-from lrscale_megatron.curvature.batchsplit import microbatches
+from lrscale_megatron.curvature.batchsplit import accumulated_grads, microbatches
 from lrscale_megatron.curvature.blocks import select_params
 from lrscale_megatron.curvature.evaluation import (
     LOW_PRECISION,
@@ -311,25 +311,7 @@ class HessianOperator(AnchorLoan):
             return loss, self._finish(self._accumulate(None, g, 1, fresh=False))
         if leaves is None:
             leaves = self._leaves()
-        wrt = self.params if leaves is None else leaves
-        n = len(self.microbatches)
-        acc = None
-        total = 0.0
-        with self._evaluation(leaves):
-            for mb in self.microbatches:
-                if self.parallel.pp_size > 1:
-                    from lrscale_megatron.curvature.pipeline import pipeline_loss_and_grad
-
-                    loss, g = pipeline_loss_and_grad(self.parallel, self._stage_fn, mb, wrt)
-                else:
-                    out = self._stage_fn(mb, None)
-                    loss = float(out.detach())
-                    seed = None if grad_scale == 1.0 else torch.full_like(out, grad_scale)
-                    g = list(torch.autograd.grad(out, wrt, grad_outputs=seed, allow_unused=True))
-                    del out
-                total += loss / n
-                acc = self._accumulate(acc, g, n)
-                del g
+        total, acc = accumulated_grads(self, leaves, grad_scale, self._accumulate)
         self.last_loss = total
         assert acc is not None
         return total, self._finish(acc)
