@@ -13,7 +13,8 @@ from lrscale_megatron.curvature import HessianOperator, lanczos
 from lrscale_megatron.curvature import krylov as kr
 from lrscale_megatron.curvature import perturb as pt
 from lrscale_megatron.curvature.memtrack import HostDeviceBytes, LiveTensorBytes
-from lrscale_megatron.models.torch_gpt import TorchGPT, TorchGPTConfig, torch_gpt_loss
+from lrscale_megatron.models.torch_gpt import torch_gpt_loss
+from tests.unit._tiny_gpt import tiny_gpt as _tiny_gpt
 from tests.unit.test_algorithms import DenseOperator, with_spectrum
 
 
@@ -73,14 +74,6 @@ def test_perturb_keeps_non_contiguous_tensors_by_copy():
     assert len(saved.copies) == 1 and not torch.equal(params[0], before)
     pt.restore_(params, v, 2.0**-10, saved)
     assert torch.equal(params[0], before)
-
-
-def _tiny_gpt():
-    cfg = TorchGPTConfig(vocab_size=64, seq_length=16, hidden_size=32, num_layers=2, num_heads=4)
-    model = TorchGPT(cfg)
-    model.init_weights(0)
-    tok = torch.randint(0, 64, (4, 17), generator=torch.Generator().manual_seed(0))
-    return model, {"tokens": tok[:, :-1], "labels": tok[:, 1:]}
 
 
 @pytest.mark.parametrize("chunk", [2048, None])

@@ -15,20 +15,9 @@ import torch
 
 from lrscale_megatron.curvature import HessianOperator, PreconditionedOperator, hostbasis, lanczos
 from lrscale_megatron.curvature.memtrack import HostDeviceBytes
-from lrscale_megatron.models.torch_gpt import TorchGPT, TorchGPTConfig, torch_gpt_loss
 from lrscale_megatron.preflight import measurement_memory
-
-
-def _gpt(dtype=torch.float32):
-    model = TorchGPT(TorchGPTConfig(vocab_size=64, seq_length=16, hidden_size=32, num_layers=2, num_heads=4))
-    model.init_weights(0)
-    model = model.to(dtype)
-    tok = torch.randint(0, 64, (4, 17), generator=torch.Generator().manual_seed(0))
-    return model, {"tokens": tok[:, :-1], "labels": tok[:, 1:]}
-
-
-def _loss(m, b):
-    return torch_gpt_loss(m, b).float()
+from tests.unit._tiny_gpt import tiny_gpt as _gpt
+from tests.unit._tiny_gpt import tiny_loss as _loss
 
 
 class _Odd(torch.nn.Module):

@@ -15,21 +15,14 @@ from lrscale_megatron.curvature import HessianOperator, PreconditionedOperator, 
 from lrscale_megatron.curvature import hostvectors as hv
 from lrscale_megatron.curvature.batchsplit import split_batch
 from lrscale_megatron.curvature.memtrack import HostDeviceBytes, LiveTensorBytes
-from lrscale_megatron.models.torch_gpt import TorchGPT, TorchGPTConfig, torch_gpt_loss
+from tests.unit._tiny_gpt import tiny_gpt
+from tests.unit._tiny_gpt import tiny_loss as gpt_loss
 
 torch.set_num_threads(1)
 
 
 def gpt(dtype=torch.bfloat16):
-    model = TorchGPT(TorchGPTConfig(vocab_size=64, seq_length=16, hidden_size=32, num_layers=2, num_heads=4))
-    model.init_weights(0)
-    model = model.to(dtype)
-    tok = torch.randint(0, 64, (4, 17), generator=torch.Generator().manual_seed(0))
-    return model, {"tokens": tok[:, :-1], "labels": tok[:, 1:]}
-
-
-def gpt_loss(m, b):
-    return torch_gpt_loss(m, b).float()
+    return tiny_gpt(dtype)
 
 
 def mlp(dtype):

@@ -12,7 +12,8 @@ from lrscale_megatron.curvature import HessianOperator, PreconditionedOperator, 
 from lrscale_megatron.curvature.backend import DOT_CHUNK
 from lrscale_megatron.curvature.memtrack import HostDeviceBytes, LiveTensorBytes
 from lrscale_megatron.measurement import MeasurementRefused, measurement_memory, preflight
-from lrscale_megatron.models.torch_gpt import TorchGPT, TorchGPTConfig, torch_gpt_loss
+from lrscale_megatron.models.torch_gpt import torch_gpt_loss
+from tests.unit._tiny_gpt import tiny_gpt
 
 torch.set_num_threads(1)
 
@@ -24,11 +25,7 @@ def _loss(m, b):
 @pytest.mark.parametrize("split", [1, 2, 4])
 @pytest.mark.parametrize("precondition", [False, True])
 def test_host_vector_estimate_bounds_a_counted_measurement(split, precondition):
-    model = TorchGPT(TorchGPTConfig(vocab_size=64, seq_length=16, hidden_size=32, num_layers=2, num_heads=4))
-    model.init_weights(0)
-    model = model.to(torch.bfloat16)
-    tok = torch.randint(0, 64, (4, 17), generator=torch.Generator().manual_seed(0))
-    batch = {"tokens": tok[:, :-1], "labels": tok[:, 1:]}
+    model, batch = tiny_gpt(torch.bfloat16)
     params = list(model.parameters())
     n = sum(p.numel() for p in params)
     with LiveTensorBytes() as mem:
@@ -130,11 +127,7 @@ def test_estimators_measure_with_the_vectors_preflight_chose(monkeypatch):
     the measurement runs with host vectors (the same estimate as device vectors)."""
     from lrscale_megatron import measurement
 
-    model = TorchGPT(TorchGPTConfig(vocab_size=64, seq_length=16, hidden_size=32, num_layers=2, num_heads=4))
-    model.init_weights(0)
-    model = model.to(torch.bfloat16)
-    tok = torch.randint(0, 64, (4, 17), generator=torch.Generator().manual_seed(0))
-    batch = {"tokens": tok[:, :-1], "labels": tok[:, 1:]}
+    model, batch = tiny_gpt(torch.bfloat16)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     _loss(model, batch).backward()
     opt.step()
