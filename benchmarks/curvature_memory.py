@@ -49,7 +49,7 @@ import time
 import torch
 
 from lrscale_megatron.curvature import HessianOperator, lanczos
-from lrscale_megatron.curvature.memtrack import HostDeviceBytes, LiveTensorBytes
+from lrscale_megatron.curvature.memtrack import HostDeviceBytes, fwd_bwd_peak
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from fd_cost import build as _build  # noqa: E402  (the same model and loss)
@@ -64,10 +64,7 @@ def build(quick: bool, dtype: torch.dtype):
 def memory(quick: bool, dtype: torch.dtype, iters: list[int]) -> dict:
     model, batch = build(quick, dtype)
     pbytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    with LiveTensorBytes() as mem:
-        g = torch.autograd.grad(loss_fn(model, batch), list(model.parameters()))
-        del g
-    train = mem.peak
+    train = fwd_bwd_peak(model, loss_fn, batch)
     out = {"dtype": str(dtype).removeprefix("torch."), "params": sum(p.numel() for p in model.parameters())}
     out["param_bytes"], out["train_peak_x"] = pbytes, train / pbytes
     runs: list[tuple[str, str, str, int]] = [

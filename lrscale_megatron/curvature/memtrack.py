@@ -101,3 +101,13 @@ class HostDeviceBytes(LiveTensorBytes):
             self.host_peak = max(self.host_peak, self.host_live)
             weakref.finalize(st, self._free_host, key, n)
         return out
+
+
+def fwd_bwd_peak(model: torch.nn.Module, loss_fn: Any, batch: Any) -> int:
+    """Peak bytes of the storages a forward + backward (``torch.autograd.grad`` of ``loss_fn(model,
+    batch)`` with respect to every parameter) holds at once: the training step's footprint, the reference
+    a measurement's extra memory is counted against."""
+    with LiveTensorBytes() as mem:
+        g = torch.autograd.grad(loss_fn(model, batch), list(model.parameters()))
+        del g
+    return mem.peak

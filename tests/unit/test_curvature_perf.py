@@ -12,7 +12,7 @@ import torch
 from lrscale_megatron.curvature import HessianOperator, lanczos
 from lrscale_megatron.curvature import krylov as kr
 from lrscale_megatron.curvature import perturb as pt
-from lrscale_megatron.curvature.memtrack import HostDeviceBytes, LiveTensorBytes
+from lrscale_megatron.curvature.memtrack import HostDeviceBytes, fwd_bwd_peak
 from lrscale_megatron.models.torch_gpt import torch_gpt_loss
 from tests.unit._tiny_gpt import tiny_gpt as _tiny_gpt
 from tests.unit.test_algorithms import DenseOperator, with_spectrum
@@ -85,10 +85,7 @@ def test_fd_measurement_adds_at_most_four_vectors_over_a_training_step(chunk, mo
     params = list(model.parameters())
     pbytes = sum(p.numel() * p.element_size() for p in params)
     before = [p.detach().clone() for p in params]
-    with LiveTensorBytes() as mem:
-        g = torch.autograd.grad(torch_gpt_loss(model, batch), params)
-        del g
-    train = mem.peak
+    train = fwd_bwd_peak(model, torch_gpt_loss, batch)
     for basis in ("recompute", "auto"):
         peaks, host = [], []
         for m in (4, 8):

@@ -14,7 +14,7 @@ from torch import nn
 from lrscale_megatron.curvature import HessianOperator, PreconditionedOperator, lanczos
 from lrscale_megatron.curvature import hostvectors as hv
 from lrscale_megatron.curvature.batchsplit import split_batch
-from lrscale_megatron.curvature.memtrack import HostDeviceBytes, LiveTensorBytes
+from lrscale_megatron.curvature.memtrack import HostDeviceBytes, fwd_bwd_peak
 from tests.unit._tiny_gpt import tiny_gpt
 from tests.unit._tiny_gpt import tiny_loss as gpt_loss
 
@@ -119,10 +119,7 @@ def test_host_vectors_device_memory_is_independent_of_max_iter_and_below_the_dev
     model, batch = gpt()
     params = list(model.parameters())
     n = sum(p.numel() for p in params)
-    with LiveTensorBytes() as mem:
-        g = torch.autograd.grad(gpt_loss(model, batch), params)
-        del g
-    train = mem.peak
+    train = fwd_bwd_peak(model, gpt_loss, batch)
     dev6 = _measure(model, batch, 6)
     h6, h12 = _measure(model, batch, 6, vectors="host"), _measure(model, batch, 12, vectors="host")
     s6 = _measure(model, batch, 6, vectors="host", batch_split=4)

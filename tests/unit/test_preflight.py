@@ -152,7 +152,7 @@ def test_fd_estimate_matches_a_counted_measurement(dtype, precondition, basis, m
     and the second pass with basis="recompute": the worst case) allocates over one training
     forward+backward, counted on CPU; with basis="host", device and host storages counted apart."""
     from lrscale_megatron.curvature import HessianOperator, PreconditionedOperator, lanczos, perturb
-    from lrscale_megatron.curvature.memtrack import HostDeviceBytes, LiveTensorBytes
+    from lrscale_megatron.curvature.memtrack import HostDeviceBytes, fwd_bwd_peak
     from lrscale_megatron.models.torch_gpt import TorchGPT, TorchGPTConfig, torch_gpt_loss
 
     monkeypatch.setattr(perturb, "PERTURB_CHUNK", 2048)  # chunk temporaries small next to this model
@@ -167,10 +167,7 @@ def test_fd_estimate_matches_a_counted_measurement(dtype, precondition, basis, m
 
     params = list(model.parameters())
     n, pbytes = sum(p.numel() for p in params), params[0].element_size()
-    with LiveTensorBytes() as mem:
-        g = torch.autograd.grad(loss_fn(model, batch), params)
-        del g
-    train = mem.peak
+    train = fwd_bwd_peak(model, loss_fn, batch)
     op = HessianOperator(model, loss_fn, batch, mode="fd")
     a = op
     if precondition:

@@ -10,7 +10,7 @@ import torch
 from lrscale_megatron.adapter import OnlineConfig
 from lrscale_megatron.curvature import HessianOperator, PreconditionedOperator, lanczos
 from lrscale_megatron.curvature.backend import DOT_CHUNK
-from lrscale_megatron.curvature.memtrack import HostDeviceBytes, LiveTensorBytes
+from lrscale_megatron.curvature.memtrack import HostDeviceBytes, fwd_bwd_peak
 from lrscale_megatron.measurement import MeasurementRefused, measurement_memory, preflight
 from lrscale_megatron.models.torch_gpt import torch_gpt_loss
 from tests.unit._tiny_gpt import tiny_gpt
@@ -28,10 +28,7 @@ def test_host_vector_estimate_bounds_a_counted_measurement(split, precondition):
     model, batch = tiny_gpt(torch.bfloat16)
     params = list(model.parameters())
     n = sum(p.numel() for p in params)
-    with LiveTensorBytes() as mem:
-        g = torch.autograd.grad(_loss(model, batch), params)
-        del g
-    train = mem.peak
+    train = fwd_bwd_peak(model, _loss, batch)
     op = HessianOperator(model, _loss, batch, mode="fd", vectors="host", batch_split=split)
     a = PreconditionedOperator(op, [torch.rand(p.shape) for p in params]) if precondition else op
     with HostDeviceBytes() as mem2:
@@ -187,10 +184,7 @@ def test_host_vector_estimate_is_attained_by_a_head_heavy_model(split):
     batch = (torch.randint(0, 4, (8,), generator=g), torch.randint(0, 64, (8,), generator=g))
     params = list(model.parameters())
     n = sum(p.numel() for p in params)
-    with LiveTensorBytes() as mem:
-        gr = torch.autograd.grad(loss(model, batch), params)
-        del gr
-    train = mem.peak
+    train = fwd_bwd_peak(model, loss, batch)
     op = HessianOperator(model, loss, batch, mode="fd", vectors="host", batch_split=split)
     with HostDeviceBytes() as mem2:
         r = lanczos(op, k=1, max_iter=3, tol=0.0, seed=0, basis="host")
