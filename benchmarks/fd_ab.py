@@ -8,9 +8,9 @@ reversed every other round), a bare fwd+bwd and one anchored product of each as 
 Lanczos solve (the unit-norm hint, the lazy restore: ``theta0`` copied back outside the timed region),
 on this thread's CPU clock::
 
-    python benchmarks/fd_ab.py --other /work/main --repeats 61             # 256 tokens
-    python benchmarks/fd_ab.py --other /work/main --repeats 301 --quick    # tiny model: the Python
-    python benchmarks/fd_ab.py --other /work/main --pieces                 # + the Python pieces, timeit
+    python benchmarks/fd_ab.py --other ../main-checkout --repeats 61             # 256 tokens
+    python benchmarks/fd_ab.py --other ../main-checkout --repeats 301 --quick    # tiny model: the Python
+    python benchmarks/fd_ab.py --other ../main-checkout --pieces                 # + the Python pieces, timeit
 
 ``--pieces`` also times, for both, the per-product Python pieces alone (``timeit``, min of 5 x N calls,
 us): the operator's evaluation context, the autocast guard's enter/exit and one module call under it.
@@ -102,7 +102,7 @@ def pieces(ops: dict, mods: dict) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--other", required=True, help="path of the other checkout (e.g. /work/main)")
+    ap.add_argument("--other", required=True, help="path of the other checkout (e.g. a worktree of main)")
     ap.add_argument("--batch", type=int, default=4, help="micro-batch size (x 64 tokens)")
     ap.add_argument("--repeats", type=int, default=61)
     ap.add_argument("--quick", action="store_true", help="tiny model: the per-product Python dominates")
