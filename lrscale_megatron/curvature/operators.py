@@ -335,13 +335,16 @@ class HessianOperator(AnchorLoan):
 
     __call__ = matvec
 
-    def base_gradient(self) -> Vector | None:
+    def base_gradient(self, version: int | None = None) -> Vector | None:
         """The gradient at the parameters that the forward-difference product subtracts (the cached fd
         base gradient, computed now if not yet: the first product then reuses it), or ``None`` when this
-        operator has none (``mode`` other than ``"fd"``, or ``fd_scheme="central"``). Do not modify it."""
+        operator has none (``mode`` other than ``"fd"``, or ``fd_scheme="central"``). Do not modify it.
+        ``version``: the parameters' version as the caller just read it (a hit skips reading it again)."""
         if self.mode != "fd" or self.fd_scheme != "forward":
             return None
-        if self._base is None or self._base_version != self._params_version():
+        if self._base is None or (
+            self._base_version != version and self._base_version != self._params_version()
+        ):
             self._base = None
             self._base = self.loss_and_grad()
             self._base_version = self._params_version()

@@ -114,8 +114,7 @@ def hvp_fd(op: HessianOperator, v: Vector) -> Vector:
     # in-place perturbation relies on (:mod:`.perturb`), and 1/h can scale the gradient in its backward
     h = power_of_two(raw)
     if op.fd_scheme == "forward":
-        # cached while the parameters are unchanged (the check of ``base_gradient()``, the version known)
-        g0 = op._base[1] if op._base is not None and op._base_version == version else op.base_gradient()
+        g0 = op.base_gradient(version)  # cached while the parameters are unchanged
         assert g0 is not None
         # (g(θ+hv) - g(θ))/h in one pass: the backward itself returns g(θ+hv)/h (its seed is 1/h, exact),
         # then gp -= g0/h (a power-of-two multiple of g0: exact, fused in the subtraction)
