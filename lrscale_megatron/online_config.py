@@ -148,7 +148,8 @@ class OnlineConfig(_Model):
     """Evaluate the held batch in this many equal parts along dim 0 (a divisor of its size): a product
     then holds one part's activations (float32 for a bf16 model: ``vectors="host"`` with ``batch_split=2``
     measured 1.9 x bf16 parameter bytes over the training step); the Hessian is that of the mean of the
-    parts' losses, the batch's own for a per-token mean loss. Not with a user ``grad_fn``."""
+    parts' losses, the batch's own when every part carries as many loss tokens (padding changes the
+    weighting). Not with a user ``grad_fn``."""
     tol: float = 3e-2
     """Lanczos relative residual tolerance after warmup. The decisions compare the gauge with thresholds a
     factor 2 apart (``cut_above`` 2, ``raise_below`` 0.25) or with a ±20-25 % band (``project_below``,
